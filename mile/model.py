@@ -1,0 +1,229 @@
+"""A LLaMA-style decoder in Flax NNX that returns hidden states, not logits.
+
+The output-head weight is exposed through `Llama.unembedding()` so the loss owns the
+head matmul (the fused loss computes `hidden @ unembedding` tile by tile and never holds
+[tokens, vocab]). `Llama.logits()` is the plain, memory-hungry version for evals/tests.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (read by
+`nnx.get_partition_spec` and by `mile.sharding`). They are created with
+`eager_sharding=False`: the names are logical, not mesh axes, so the model builds the same
+with or without a mesh; `mile.sharding` maps names to mesh axes and places the arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model fields of the run config, validated and frozen (hashable, static under jit)."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.01
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+
+  @classmethod
+  def from_cfg(cls, cfg) -> "ModelConfig":
+    """Accepts a ConfigDict, a dataclass or any object with the fields as attributes."""
+    if isinstance(cfg, cls):
+      return cfg
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
+    return cls(**kwargs)
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+    if self.remat not in ("none", "full"):
+      raise ValueError(f"model.remat={self.remat!r}; expected 'none' or 'full'")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+
+def param_count(cfg) -> int:
+  """Closed-form number of parameters (untied embedding and head, no biases)."""
+  c = ModelConfig.from_cfg(cfg)
+  attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, o, k, v
+  mlp = 3 * c.embed_dim * c.mlp_dim  # gate, up, down
+  norms = 2 * c.embed_dim
+  embed_and_head = 2 * c.vocab_size * c.embed_dim
+  return embed_and_head + c.num_layers * (attention + mlp + norms) + c.embed_dim  # + final norm
+
+
+def _normal_param(rngs: nnx.Rngs, shape, names, c: ModelConfig) -> nnx.Param:
+  value = c.init_std * jax.random.normal(rngs.params(), shape, _DTYPES[c.param_dtype])
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 and returned in the compute dtype."""
+
+  def __init__(self, c: ModelConfig):
+    self.eps = c.norm_eps
+    self.dtype = c.compute_dtype
+    self.scale = nnx.Param(jnp.ones((c.embed_dim,), _DTYPES[c.param_dtype]),
+                           out_sharding=("embed",), eager_sharding=False)
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float):
+  """cos/sin [seq_len, head_dim // 2] for positions 0..seq_len-1, in float32."""
+  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+  """Rotate pairs (x[i], x[i + d/2]) by angle pos * base^(-2i/d) ("rotate-half" layout).
+
+  x: [B, S, heads, head_dim]; cos/sin: [S, head_dim // 2].
+  """
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with RoPE; scores and softmax in float32."""
+
+  def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    self.num_kv_heads = c.num_kv_heads
+    self.dtype = c.compute_dtype
+    d, h, kv, hd = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q = _normal_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), c)
+    self.k = _normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), c)
+    self.v = _normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), c)
+    self.o = _normal_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), c)
+
+  def __call__(self, x, cos, sin):
+    dt = self.dtype
+    batch, seq, _ = x.shape
+    q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    head_dim = q.shape[-1]
+    # Group query heads by the kv head they share: [B, S, kv, group, hd].
+    q = q.reshape(batch, seq, self.num_kv_heads, -1, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, seq, -1, head_dim)
+    return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = c.compute_dtype
+    self.gate = _normal_param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c)
+    self.up = _normal_param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c)
+    self.down = _normal_param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c)
+
+  def __call__(self, x):
+    dt = self.dtype
+    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    return hidden @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(c)
+    self.attn = Attention(c, rngs=rngs)
+    self.mlp_norm = RMSNorm(c)
+    self.mlp = SwiGLU(c, rngs=rngs)
+
+  def __call__(self, x, cos, sin):
+    x = x + self.attn(self.attn_norm(x), cos, sin)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+def _apply_block(graphdef, state, x, cos, sin):
+  """Pure block application, so it can go under jax.checkpoint and jax.lax.scan."""
+  return nnx.merge(graphdef, state)(x, cos, sin)
+
+
+class Llama(nnx.Module):
+  """Decoder-only LLaMA. `model(tokens [B, S] int32) -> hidden [B, S, embed_dim]`."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    c = ModelConfig.from_cfg(cfg)
+    self.config = c
+    self.embedding = _normal_param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), c)
+    if c.scan_layers:
+      # One Block whose every parameter has a leading 'layers' axis of size num_layers.
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked_blocks(rngs):
+        return Block(c, rngs=rngs)
+
+      self.layers = stacked_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c)
+    self.head = _normal_param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c)
+
+  def unembedding(self) -> jax.Array:
+    """The output-head weight [embed_dim, vocab_size] in the compute dtype."""
+    return self.head[...].astype(self.config.compute_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    c = self.config
+    seq = tokens.shape[-1]
+    if seq > c.max_seq_len:
+      raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={c.max_seq_len}")
+    cos, sin = rope_tables(seq, c.head_dim, c.rope_base)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
+    block_fn = jax.checkpoint(_apply_block, static_argnums=(0,)) if c.remat == "full" else _apply_block
+    if c.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(carry, layer_state):
+        return block_fn(graphdef, layer_state, carry, cos, sin), None
+
+      x, _ = jax.lax.scan(body, x, stacked)
+    else:
+      for block in self.layers:
+        graphdef, state = nnx.split(block)
+        x = block_fn(graphdef, state, x, cos, sin)
+    return self.final_norm(x)
+
+  def logits(self, tokens: jax.Array) -> jax.Array:
+    """hidden @ unembedding in float32: [B, S, vocab]. For evaluation and tests."""
+    hidden = self(tokens).astype(jnp.float32)
+    return hidden @ self.head[...].astype(jnp.float32)

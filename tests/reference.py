@@ -1,0 +1,55 @@
+"""Independent float64 NumPy reference of the losses in ../shared/paper-spec.md (test helper)."""
+
+import numpy as np
+
+
+def reference_loss(logits, labels, mask, *, loss, gamma=1.0, sigma=1.0, normalization="global"):
+    """Returns (loss, dloss/dlogits, aux) in float64, written straight from the paper's formulas."""
+    z = np.asarray(logits, np.float64)
+    vocab = z.shape[-1]
+    z = z.reshape(-1, vocab)
+    m = np.ones(z.shape[0]) if mask is None else np.asarray(mask, np.float64).reshape(-1)
+    y = np.where(m > 0, np.asarray(labels).reshape(-1), 0)
+
+    z_max = z.max(-1, keepdims=True)
+    lse = z_max[:, 0] + np.log(np.exp(z - z_max).sum(-1))
+    log_p = z - lse[:, None]
+    p = np.exp(log_p)
+    nll = -log_p[np.arange(len(y)), y]
+    entropy = -(p * log_p).sum(-1)
+
+    paper = normalization == "paper"
+    nll_for_weight = nll * m if paper else nll  # the reference's ignore_index gives nll = 0
+    entropy_for_weight = -(p * np.log(np.clip(p, 1e-8, 1.0))).sum(-1) if paper else entropy
+    if loss == "ce":
+        w = np.ones_like(nll)
+    elif loss == "focal":
+        w = (1.0 - np.exp(-nll_for_weight)) ** gamma
+    elif loss == "mile":
+        w = (sigma + entropy_for_weight) ** gamma
+    else:
+        raise ValueError(loss)
+
+    numerator = np.sum(m * w * nll)
+    if paper:
+        # alpha = 1 / mean(w) over all positions; the final mean also runs over all positions.
+        n = len(nll)
+        alpha = 1.0 / np.mean(w)
+        value = np.mean(alpha * w * nll * m)
+        denominator = n / alpha
+    else:
+        denominator = np.sum(m * w)
+        value = numerator / denominator if denominator > 0 else 0.0
+    onehot = np.eye(vocab)[y]
+    scale = (m * w / denominator) if denominator > 0 else np.zeros_like(m)
+    grad = (scale[:, None] * (p - onehot)).reshape(np.shape(logits))
+    valid = m > 0
+    aux = {
+        "nll": np.sum(m * nll) / np.sum(m),
+        "entropy": np.sum(m * entropy) / np.sum(m),
+        "weight_mean": np.sum(m * w) / np.sum(m),
+        "weight_min": w[valid].min(),
+        "weight_max": w[valid].max(),
+        "num_tokens": np.sum(m),
+    }
+    return value, grad, aux

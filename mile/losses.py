@@ -21,6 +21,7 @@ Gradients: weights and the normaliser are constants, so d loss / d z_i = (m_i w_
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import functools
 from typing import Any, Callable, Mapping
 
@@ -328,3 +329,13 @@ def mile_loss(
     """MiLe: CE weighted by stop-gradient (sigma + H)^gamma, H the predictive entropy (nats)."""
     spec = _mile_spec(gamma=gamma, sigma=sigma, normalization=normalization)
     return apply_loss(spec, logits, labels, mask)
+
+
+def loss_from_config(loss_cfg: Mapping[str, Any]) -> LossSpec:
+    """The LossSpec a config's loss section names; passes each loss only the hyperparameters it
+    takes (a config carries gamma and sigma for every loss), so callers never branch on the name."""
+    name = loss_cfg["name"]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)} (config loss.name)")
+    accepted = inspect.signature(_REGISTRY[name]).parameters
+    return get_loss(name, **{k: v for k, v in loss_cfg.items() if k in accepted})

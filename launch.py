@@ -1,0 +1,61 @@
+"""Train a MiLe/focal/CE language model.
+
+    python launch.py --config configs/cpu.py --workdir workdirs/cpu
+    python launch.py --config configs/paper.py:468m,mile --workdir gs://... --config.mesh.fsdp=-1
+
+Run the same command again to resume from the workdir's latest checkpoint. On a TPU pod or GPU
+cluster run the same command on every host (jax.distributed is initialised when multi-process).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Run configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Checkpoints, metrics and config go here.")
+
+
+def _maybe_initialize_distributed(mode: str) -> None:
+    import jax
+
+    if mode == "no":
+        return
+    cluster_env = any(k in os.environ for k in (
+        "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    if mode == "yes" or cluster_env:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    # Orbax and TFDS log every file they touch at INFO; keep the console to our own lines.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    _maybe_initialize_distributed(cfg.train.distributed)
+    import jax
+
+    from mile import train
+
+    if jax.process_index() == 0:
+        print(f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
+              f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {_WORKDIR.value}")
+    train.train(cfg, _WORKDIR.value)
+
+
+def run():
+    """app.run, with bad input reported as one line instead of a traceback."""
+    from mile.train import TrainingError
+
+    try:
+        app.run(main)
+    except (ValueError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -209,7 +209,10 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={c.max_seq_len}")
     cos, sin = rope_tables(seq, c.head_dim, c.rope_base)
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
-    block_fn = jax.checkpoint(_apply_block, static_argnums=(0,)) if c.remat == "full" else _apply_block
+    # remat="full": keep only each block's input; recompute its insides in the backward pass.
+    block_fn = _apply_block
+    if c.remat == "full":
+      block_fn = jax.checkpoint(_apply_block, static_argnums=(0,))
     if c.scan_layers:
       graphdef, stacked = nnx.split(self.layers)
 

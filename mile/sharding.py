@@ -131,13 +131,12 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
-def create_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):
-  """Run `build()` so every array is created directly with its target sharding.
+def abstract_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):
+  """(graphdef, abstract state) of `build()`: ShapeDtypeStruct leaves carrying target shardings.
 
-  `build` makes any NNX graph: a model, or a tuple (model, nnx.Optimizer(model, tx,
-  wrt=nnx.Param)). It is traced once abstractly to learn shapes and logical names, then run
-  under jax.jit with out_shardings, so no full copy of the state ever sits on one device.
-  Returns what `build` returns, sharded.
+  Nothing is allocated. Use it for an orbax restore target, or for jit shardings before any
+  state exists. (Avoid nnx.eval_shape under a mesh here: it reads `out_sharding` names as mesh
+  axes, and our names are logical.)
   """
   graphdefs = []
 
@@ -146,10 +145,23 @@ def create_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):
     graphdefs.append(graphdef)
     return state
 
-  # jax.eval_shape, not nnx.eval_shape: the latter turns `out_sharding` names into mesh
-  # shardings directly when a mesh is set, and our names are logical, not mesh axes.
-  abstract_state = jax.eval_shape(build_state)
-  shardings = state_shardings(abstract_state, mesh, rules)
+  shapes = jax.eval_shape(build_state)
+  shardings = state_shardings(shapes, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return graphdefs[-1], abstract
+
+
+def create_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):
+  """Run `build()` so every array is created directly with its target sharding.
+
+  `build` makes any NNX graph: a model, or a tuple (model, nnx.Optimizer(model, tx,
+  wrt=nnx.Param)). It is traced once abstractly to learn shapes and logical names, then run
+  under jax.jit with out_shardings, so no full copy of the state ever sits on one device.
+  Returns what `build` returns, sharded.
+  """
+  graphdef, abstract = abstract_sharded(build, mesh, rules)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   with jax.set_mesh(mesh):
-    state = jax.jit(build_state, out_shardings=shardings)()
-  return nnx.merge(graphdefs[-1], state)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

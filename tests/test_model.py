@@ -1,4 +1,4 @@
-"""Tests for mile.model: shapes, causality, RoPE/RMSNorm/GQA, scan/remat/bf16 and a NumPy forward."""
+"""Tests for mile.model: a float64 NumPy forward, causality, RoPE, RMSNorm, GQA, scan/remat/bf16."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,7 +93,8 @@ def test_forward_matches_float64_numpy():
   expected = np_forward(params_of(model), tokens, cfg)
   np.testing.assert_allclose(np.asarray(forward(model, tokens)), expected, rtol=2e-4, atol=2e-4)
   head = np.asarray(params_of(model)["head"][...], np.float64)
-  np.testing.assert_allclose(np.asarray(model.logits(tokens)), expected @ head, rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(model.logits(tokens)), expected @ head,
+                             rtol=2e-4, atol=2e-4)
 
 
 def test_shapes_and_head():
@@ -170,8 +171,8 @@ def test_scan_layers_matches_loop():
   assert params_of(scanned)["layers"]["attn"]["q"].shape == (3, 32, 4, 8)
   copy_scanned_into_unscanned(scanned, looped, 3)
   tokens = random_tokens()
-  np.testing.assert_allclose(np.asarray(forward(scanned, tokens)), np.asarray(forward(looped, tokens)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(forward(scanned, tokens)),
+                             np.asarray(forward(looped, tokens)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -183,7 +184,8 @@ def test_remat_same_values_and_gradients(scan_layers):
     loss = lambda m: jnp.mean(m.logits(tokens) ** 2)
     return nnx.jit(nnx.value_and_grad(loss))(model)
 
-  (plain_loss, plain_grads), (remat_loss, remat_grads) = value_and_grads("none"), value_and_grads("full")
+  plain_loss, plain_grads = value_and_grads("none")
+  remat_loss, remat_grads = value_and_grads("full")
   np.testing.assert_allclose(plain_loss, remat_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -233,7 +235,8 @@ def test_logical_axis_names():
   assert specs["embedding"].get_value() == jax.P("vocab", "embed")
   assert specs["head"].get_value() == jax.P("embed", "vocab")
   assert specs["layers"]["attn"]["q"].get_value() == jax.P("layers", "embed", "heads", "head_dim")
-  assert specs["layers"]["attn"]["k"].get_value() == jax.P("layers", "embed", "kv_heads", "head_dim")
+  assert specs["layers"]["attn"]["k"].get_value() == \
+      jax.P("layers", "embed", "kv_heads", "head_dim")
   assert specs["layers"]["attn"]["o"].get_value() == jax.P("layers", "heads", "head_dim", "embed")
   assert specs["layers"]["mlp"]["down"].get_value() == jax.P("layers", "mlp", "embed")
   assert specs["final_norm"]["scale"].get_value() == jax.P("embed")

@@ -191,3 +191,17 @@ def test_tiny_model_with_odd_vocab_still_shards(mesh):
                                                 rngs=nnx.Rngs(0)), mesh, DEFAULT_RULES)
   assert model.embedding.sharding.spec == P(None, "fsdp")
   assert model.layers[1].mlp.up.sharding.spec == P("fsdp", "tensor")
+
+
+def test_abstract_sharded_allocates_nothing(mesh):
+  build = lambda: build_model_and_optimizer(model_cfg())
+  graphdef, abstract = sharding.abstract_sharded(build, mesh, DEFAULT_RULES)
+  leaves = jax.tree.leaves(abstract)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  model_state = abstract[0]
+  assert model_state["embedding"].get_value().sharding.spec == P("tensor", "fsdp")
+  assert model_state["layers"]["attn"]["q"].get_value().shape == (2, 32, 4, 8)
+  # Works inside a mesh context too (the trainer may already be under jax.set_mesh).
+  with jax.set_mesh(mesh):
+    _, again = sharding.abstract_sharded(build, mesh, DEFAULT_RULES)
+  assert jax.tree.structure(again) == jax.tree.structure(abstract)

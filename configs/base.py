@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
     c.data = ml_collections.ConfigDict(dict(
         source="kjv",           # "kjv" (Debian's bible-kjv-text) | "text" | "tfds"
-        text_files=[],          # source="text": .txt (blank-line separated) or .jsonl files
+        text_files=(),          # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
         tfds_name="",           # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
         tfds_data_dir="",
         text_key="text",

@@ -176,14 +176,15 @@ def make_train_step(graphdef, spec: L.LossSpec, *, chunk_size: int | None, num_m
         loss, aux = L.finalize_terms(terms)
         den = terms["denominator"]
         grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(optimizer.step[...])
 
         old_state = nnx.state((model, optimizer))
         optimizer.update(model, grads)
         new_state = nnx.state((model, optimizer))
-        # Skip the update on a non-finite step: keep the last good parameters and moments.
+        finite &= jnp.isfinite(optax.tree.norm(nnx.state(model, nnx.Param)))
+        # Skip a step whose loss, gradient or update is non-finite: keep the last good state.
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
         metrics = {
             "loss": loss,
@@ -265,8 +266,12 @@ def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
             "tokens": float(aux["num_tokens"])}
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) training in `workdir`. Returns the final metrics."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the last metrics.
+
+    `stop_at` ends the run after that step with a checkpoint, as a preempted job would; running
+    again resumes exactly where it stopped.
+    """
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     mesh = msharding.make_mesh(cfg.mesh)
     spec = check_config(cfg, mesh)
@@ -348,7 +353,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         m = _to_float(metrics)
         if m.pop("finite") < 1:
             nonfinite += 1
-            bar.write(f"step {step}: non-finite loss ({m['loss']}) or gradient; update skipped "
+            bar.write(f"step {step}: non-finite loss ({m['loss']}), gradient or update; step skipped "
                       f"({nonfinite}/{cfg.train.max_nonfinite_steps})")
             if nonfinite >= cfg.train.max_nonfinite_steps:
                 raise TrainingError(
@@ -367,16 +372,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"])
             window_start, window_steps = time.perf_counter(), 0
 
+    last_step = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     try:
         with jax.set_mesh(mesh):
-            for step in range(start_step + 1, cfg.train.steps + 1):
+            for step in range(start_step + 1, last_step + 1):
                 batch = global_batch(next(train_it), batch_shard)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     consume(*pending)
                 pending = (step, metrics)
                 if step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0 \
-                        or step == cfg.train.steps:
+                        or step == last_step:
                     consume(*pending)
                     pending = None
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -384,7 +390,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     writer.write(step, ev, prefix="eval")
                     bar.write(f"step {step}: validation CE {ev['ce']:.4f}, perplexity {ev['perplexity']:.2f}")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                # Only a state reached by a finite step is worth keeping.
+                if (step % cfg.train.checkpoint_every == 0 or step == last_step) and nonfinite == 0:
                     save(step)
             if pending is not None:
                 consume(*pending)

@@ -86,7 +86,10 @@ def prepare(data_cfg: Any, cache_dir: str | os.PathLike | None = None) -> Prepar
     files = [corpus.fetch_kjv(cache_dir)]
     file_key = "text"  # fetch_kjv always writes this field
   else:
-    files = list(_get(data_cfg, "text_files", []))
+    files = _get(data_cfg, "text_files", [])
+    if isinstance(files, str):  # a command-line "a.txt,b.jsonl"
+      files = [f for f in files.split(",") if f]
+    files = list(files)
     file_key = text_key
   docs = corpus.read_documents(files, file_key)
   validation_every = int(_get(data_cfg, "validation_every", 50))

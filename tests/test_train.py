@@ -1,0 +1,227 @@
+"""The trainer: sharded step == single device, golden step, exact resume, overfitting, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mile import sharding as msharding
+from mile import train as T
+from mile.checkpoint import Checkpointer
+from mile.losses import loss_from_config
+from train_helpers import REPO, tiny_config
+
+
+def _step_setup(cfg, mesh):
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    graphdef, state, _ = T.build_state(cfg, mesh, rules)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = jax.jit(
+        T.make_train_step(graphdef, loss_from_config(cfg.loss), chunk_size=None,
+                          num_microbatches=cfg.optim.num_microbatches,
+                          schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps)),
+        in_shardings=(shardings, msharding.batch_sharding(mesh)), out_shardings=(shardings, None),
+    )
+    return graphdef, state, step
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (cfg.data.global_batch_size, cfg.data.seq_len)
+    tokens = rng.integers(0, cfg.model.vocab_size, (shape[0], shape[1] + 1)).astype(np.int32)
+    mask = (rng.random(shape) < 0.9).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+
+def _params(graphdef, state):
+    model, _ = nnx.merge(graphdef, state)
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+
+
+def _one_device_mesh():
+    return msharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), devices=jax.devices()[:1])
+
+
+def test_train_step_on_2x2x2_mesh_equals_one_device(tmp_path):
+    cfg = tiny_config(tmp_path)
+    batch = _batch(cfg)
+    results = {}
+    for name, mesh in (("one", _one_device_mesh()),
+                       ("mesh", msharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})))):
+        graphdef, state, step = _step_setup(cfg, mesh)
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, T.global_batch(batch, msharding.batch_sharding(mesh)))
+        results[name] = (jax.device_get(metrics), _params(graphdef, state), state)
+    (m1, p1, _), (m8, p8, state8) = results["one"], results["mesh"]
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p8, p1)
+    # Parameters sit where the rule table puts them: embed -> fsdp, vocab/heads/mlp -> tensor.
+    graphdef, _, _ = _step_setup(cfg, _one_device_mesh())
+    model, _ = nnx.merge(graphdef, state8)
+    P = jax.sharding.PartitionSpec
+    assert model.embedding.sharding.spec == P("tensor", "fsdp")
+    assert model.head.sharding.spec == P("fsdp", "tensor")
+    assert model.layers[0].attn.q.sharding.spec == P("fsdp", "tensor", None)
+    assert model.layers[0].mlp.down.sharding.spec == P("tensor", "fsdp")
+
+
+def test_micro_batches_give_the_same_update(tmp_path):
+    mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+    out = []
+    for k in (1, 4):
+        cfg = tiny_config(tmp_path, **{"optim.num_microbatches": k})
+        graphdef, state, step = _step_setup(cfg, mesh)
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, T.global_batch(_batch(cfg), msharding.batch_sharding(mesh)))
+        out.append((jax.device_get(metrics), _params(graphdef, state)))
+    np.testing.assert_allclose(out[1][0]["loss"], out[0][0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out[1][0]["grad_norm"], out[0][0]["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[1][1], out[0][1])
+
+
+def test_golden_first_step(tmp_path):
+    """A fixed tiny config and seed: the first step's loss and gradient norm.
+
+    Independent check: with N(0, 0.01) init the logits are ~0, so the first loss is ~log(V)
+    for every loss (MiLe's weights are then all ~(1 + log V)). The golden numbers pin the rest.
+    """
+    cfg = tiny_config(tmp_path)
+    graphdef, state, step = _step_setup(cfg, _one_device_mesh())
+    _, metrics = step(state, _batch(cfg))
+    metrics = jax.device_get(metrics)
+    assert abs(float(metrics["loss"]) - np.log(cfg.model.vocab_size)) < 1e-2
+    np.testing.assert_allclose(metrics["weight_mean"], 1 + np.log(cfg.model.vocab_size), rtol=2e-3)
+    np.testing.assert_allclose(metrics["loss"], GOLDEN["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], GOLDEN["grad_norm"], rtol=1e-4)
+
+
+GOLDEN = {"loss": 5.7744312, "grad_norm": 0.5146992}
+
+
+def _train(cfg, workdir):
+    return T.train(cfg, str(workdir))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 5, "train.eval_every": 100})
+    straight = tmp_path / "straight"
+    _train(cfg, straight)
+    # The same run, stopped after step 5 (as a preempted job), then launched again.
+    resumed = tmp_path / "resumed"
+    T.train(cfg, str(resumed), stop_at=5)
+    _train(cfg, resumed)
+
+    def restored(workdir, step):
+        mesh = msharding.make_mesh(cfg.mesh)
+        rules = tuple(tuple(r) for r in cfg.sharding_rules)
+        _, _, build = T.build_state(cfg, mesh, rules)
+        _, abstract = msharding.abstract_sharded(build, mesh, rules)
+        with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=5) as ck:
+            return ck.restore(step, abstract)
+
+    (a, data_a), (b, data_b) = restored(straight, 10), restored(resumed, 10)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert data_a == data_b
+    losses = lambda wd: [r["train/loss"] for r in _metrics(wd) if "train/loss" in r]
+    assert losses(straight)[5:] == losses(resumed)[5:]
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_model_overfits_short_text(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 60, "train.eval_every": 1000,
+                                   "train.checkpoint_every": 1000, "optim.learning_rate": 1e-2,
+                                   "optim.warmup_steps": 5})
+    cfg.data.update(global_batch_size=8)
+    _train(cfg, tmp_path / "wd")
+    losses = [r["train/ce"] for r in _metrics(tmp_path / "wd") if "train/ce" in r]
+    assert losses[0] > 5.0
+    assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
+
+
+# --- bad input: one-line ValueError naming the field, nothing in the workdir touched ----------
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"loss.name": "mse"}, "unknown loss 'mse'"),
+        ({"loss.gamma": -1.0}, "gamma must be"),
+        ({"mesh.data": 3}, "needs 3 devices but 8 are available"),
+        ({"data.global_batch_size": 6}, "not divisible by the data-parallel size 8"),
+        ({"optim.num_microbatches": 3}, "micro-batches over 8 data-parallel shards"),
+        ({"data.vocab_size": 600}, "larger than model.vocab_size"),
+        ({"data.seq_len": 64}, "exceeds model.max_seq_len"),
+        ({"data.text_files": ["/nonexistent/corpus.txt"]}, "corpus"),
+    ],
+)
+def test_bad_config_fails_before_touching_workdir(tmp_path, overrides, match):
+    cfg = tiny_config(tmp_path, **overrides)
+    workdir = tmp_path / "wd"
+    with pytest.raises(ValueError, match=match):
+        _train(cfg, workdir)
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "config.json").exists()
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.eval_every": 100})
+    _train(cfg, tmp_path / "wd")
+    before = sorted(os.listdir(tmp_path / "wd" / "checkpoints"))
+    other = tiny_config(tmp_path, **{"train.steps": 2, "model.num_layers": 3})
+    with pytest.raises(ValueError, match="model.num_layers: checkpoint has 2, config has 3"):
+        _train(other, tmp_path / "wd")
+    assert sorted(os.listdir(tmp_path / "wd" / "checkpoints")) == before
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
+    _train(cfg, tmp_path / "wd")
+    assert Checkpointer(str(tmp_path / "wd" / "checkpoints"), max_to_keep=3).latest_step() == 4
+    blowup = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2,
+                                     "train.max_nonfinite_steps": 2, "optim.learning_rate": float("inf")})
+    blowup.train.eval_every = 100
+    with pytest.raises(T.TrainingError, match="2 consecutive non-finite steps"):
+        _train(blowup, tmp_path / "wd")
+    assert Checkpointer(str(tmp_path / "wd" / "checkpoints"), max_to_keep=3).latest_step() == 4
+
+
+# --- launch.py end to end ---------------------------------------------------------------------
+
+
+def _launch(tmp_path, *flags):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "configs/tiny.py"),
+         *flags], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+
+
+def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
+    from train_helpers import write_corpus
+
+    corpus = write_corpus(tmp_path)
+    common = [f"--config.data.text_files={corpus}", "--config.data.source=text",
+              "--config.data.vocab_size=320", "--config.model.vocab_size=320",
+              "--config.data.validation_every=10", f"--config.data.cache_dir={tmp_path}/cache"]
+    wd = tmp_path / "wd"
+    run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=4", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "validation CE" in run.stdout
+    run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=6", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    steps = [r["step"] for r in _metrics(wd) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted
+
+    bad = _launch(tmp_path, f"--workdir={wd}", "--config.loss.name=mse", *common)
+    assert bad.returncode != 0
+    assert "unknown loss 'mse'" in bad.stderr and "Traceback" not in bad.stderr

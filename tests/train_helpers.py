@@ -1,0 +1,46 @@
+"""Tiny configs and corpora for trainer tests (written by the tests themselves)."""
+
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from configs import tiny  # noqa: E402
+
+_WORDS = (
+    "the lord said unto moses and aaron go forth into the land which i shall give thee "
+    "and they went up out of egypt with all their flocks and herds and the people rested "
+    "on the seventh day and blessed the name of the lord for ever and ever amen"
+).split()
+
+
+def write_corpus(directory, num_docs=60, seed=0) -> str:
+    """A small English-like .txt corpus: documents separated by blank lines."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(num_docs):
+        sentences = [" ".join(rng.choice(_WORDS, size=rng.integers(6, 14))) + "." for _ in range(6)]
+        docs.append(" ".join(sentences).capitalize())
+    path = os.path.join(str(directory), "corpus.txt")
+    with open(path, "w") as f:
+        f.write("\n\n".join(docs) + "\n")
+    return path
+
+
+def tiny_config(tmp_path, **overrides):
+    cfg = tiny.get_config()
+    corpus = write_corpus(tmp_path)
+    cfg.data.update(source="text", text_files=[corpus], cache_dir=os.path.join(str(tmp_path), "cache"),
+                    vocab_size=320, validation_every=10)
+    cfg.model.vocab_size = 320
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[key] = value
+    return cfg

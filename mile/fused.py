@@ -27,13 +27,13 @@ from jax import lax
 
 from mile import losses as L
 
-# A tile of logits is chunk_size x V float32; ~8 MiB-elements (32 MiB) keeps a few tiles
+# A tile of logits is chunk_size x V float32; ~4M elements (16 MiB) keeps a few tiles
 # cache-friendly on CPU and small next to activations on accelerators.
-_TILE_ELEMENTS = 1 << 23
+_TILE_ELEMENTS = 1 << 22
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """Largest power of two with chunk x V <= 8M elements (>= 8), capped at the token count."""
+    """Largest power of two with chunk x V <= 4M elements (>= 8), capped at the token count."""
     chunk = 1 << max(3, int(np.floor(np.log2(max(1, _TILE_ELEMENTS // vocab_size)))))
     return int(min(chunk, max(1, num_tokens)))
 

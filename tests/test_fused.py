@@ -121,7 +121,7 @@ def test_fused_never_holds_the_full_logits():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(10**6, 32000) == 256
+    assert default_chunk_size(10**6, 32000) == 128
     assert default_chunk_size(100, 32000) == 100
     assert default_chunk_size(10**6, 10**8) == 8
 

@@ -124,6 +124,24 @@ def _fused_numerator_bwd(spec, paper, residuals, cotangents):
 _fused_numerator.defvjp(_fused_numerator_fwd, _fused_numerator_bwd)
 
 
+def _tiles(hidden, labels, mask, vocab: int, chunk_size: int | None):
+    """[..., D], [...], [...] -> [chunks, chunk, D], [chunks, chunk], [chunks, chunk].
+
+    A ragged token count is padded with masked positions; callers cut the per-token outputs
+    back to the real count, so padding never reaches a sum."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    num_tokens = int(np.prod(labels.shape))
+    dim = hidden.shape[-1]
+    chunk = min(chunk_size or default_chunk_size(num_tokens, vocab), max(num_tokens, 1))
+    num_chunks = -(-num_tokens // chunk)
+    pad = num_chunks * chunk - num_tokens
+    h = jnp.pad(hidden.reshape(num_tokens, dim), ((0, pad), (0, 0)))
+    y = jnp.pad(labels.reshape(num_tokens).astype(jnp.int32), (0, pad))
+    m = jnp.pad(mask.reshape(num_tokens).astype(jnp.float32), (0, pad))
+    return h.reshape(num_chunks, chunk, dim), y.reshape(num_chunks, chunk), m.reshape(num_chunks, chunk)
+
+
 def fused_loss_terms(
     spec: L.LossSpec,
     hidden: jax.Array,
@@ -145,32 +163,10 @@ def fused_loss_terms(
         )
     labels = L.check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     mask = L.prepare_mask(mask, labels)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-
-    num_tokens = int(np.prod(labels.shape))
-    dim, vocab = unembedding.shape
-    chunk = chunk_size or default_chunk_size(num_tokens, vocab)
-    chunk = min(chunk, max(num_tokens, 1))
-    num_chunks = -(-num_tokens // chunk)
-    pad = num_chunks * chunk - num_tokens
-
-    h = hidden.reshape(num_tokens, dim)
-    y = L._safe_labels(labels, mask).reshape(num_tokens).astype(jnp.int32)
-    m = mask.reshape(num_tokens)
-    if pad:  # ragged token count: padded positions are masked out (and excluded below)
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        m = jnp.pad(m, (0, pad))
+    h3, y2, m2 = _tiles(hidden, L._safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size)
     paper = spec.normalization == "paper"
-    numerator, stats = _fused_numerator(
-        spec,
-        paper,
-        h.reshape(num_chunks, chunk, dim),
-        unembedding,
-        y.reshape(num_chunks, chunk),
-        m.reshape(num_chunks, chunk),
-    )
+    numerator, stats = _fused_numerator(spec, paper, h3, unembedding, y2, m2)
+    num_tokens = int(np.prod(labels.shape))
     stats = {k: lax.stop_gradient(v.reshape(-1)[:num_tokens]) for k, v in stats.items()}
     terms = L.reduce_terms(stats["nll"], stats["entropy"], mask.reshape(-1), stats["weight"],
                            stats["norm_weight"])
@@ -199,3 +195,16 @@ def fused_loss(
         raise ValueError("pass hyperparameters either in the LossSpec or as keywords, not both")
     terms = fused_loss_terms(spec, hidden, unembedding, labels, mask, chunk_size=chunk_size)
     return L.finalize_terms(terms)
+
+
+def fused_token_statistics(hidden, unembedding, labels, *, chunk_size: int | None = None):
+    """Per-position nll and entropy (float32, labels.shape) of hidden @ unembedding, tile by
+    tile, never holding the logits. For evaluation: no gradient flows."""
+    hidden = L.check_float("hidden", hidden)
+    labels = L.check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    mask = jnp.ones(labels.shape, jnp.float32)
+    tiles = _tiles(hidden, labels, mask, unembedding.shape[1], chunk_size)
+    _, stats = _scan_statistics(L.get_loss("ce"), False, tiles[0], unembedding, *tiles[1:])
+    num_tokens = int(np.prod(labels.shape))
+    return {k: lax.stop_gradient(stats[k].reshape(-1)[:num_tokens].reshape(labels.shape))
+            for k in ("nll", "entropy")}

@@ -400,3 +400,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         bar.close()
         writer.close()
     return last
+
+
+def load_trained_model(workdir: str, *, step: int | None = None, mesh=None):
+    """(model, config, step) restored from a workdir's checkpoint (default: the latest).
+
+    The config is the one saved with the checkpoint, so the model is rebuilt exactly as trained.
+    """
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
+    with Checkpointer(ckpt_dir, max_to_keep=1000, async_save=False) as checkpointer:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
+        cfg = ml_collections.ConfigDict(checkpointer.saved_config(step))
+        cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
+        if mesh is None:
+            mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+        rules = cfg.sharding_rules
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+        def build():
+            model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        graphdef, abstract = msharding.abstract_sharded(build, mesh, rules)
+        state, _ = checkpointer.restore(step, abstract)
+    model, _ = nnx.merge(graphdef, state)
+    return model, cfg, step

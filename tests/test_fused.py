@@ -148,3 +148,15 @@ def test_fused_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         fused_loss(**args, **hp)
+
+
+def test_fused_token_statistics_match_float64():
+    from mile.fused import fused_token_statistics
+
+    hidden, unembed, labels, _ = _inputs(seed=59, lead=(2, 11))
+    labels = np.abs(labels) % unembed.shape[1]
+    stats = fused_token_statistics(hidden, unembed, labels, chunk_size=6)
+    z = hidden.astype(np.float64) @ unembed.astype(np.float64)
+    log_p = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    np.testing.assert_allclose(stats["nll"], -np.take_along_axis(log_p, labels[..., None], -1)[..., 0], rtol=1e-5)
+    np.testing.assert_allclose(stats["entropy"], -(np.exp(log_p) * log_p).sum(-1), rtol=1e-5)

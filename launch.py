@@ -8,6 +8,7 @@ cluster run the same command on every host (jax.distributed is initialised when 
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -46,15 +47,36 @@ def main(argv):
     train.train(cfg, _WORKDIR.value)
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with a bad config file or override reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # --config.<unknown key>=...
+        text = str(e)
+        key = re.search(r"([A-Za-z_][A-Za-z0-9_]*)", text)
+        key = key.group(1) if key else text
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a), key)
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        _fail(f"unknown config key in {flag}{hint}; every key is listed in configs/base.py")
+    except (flags.Error, ValueError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        _fail(lines[-1] if lines else repr(e))
+
+
 def run():
     """app.run, with bad input reported as one line instead of a traceback."""
     from mile.train import TrainingError
 
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,32 @@ def apply_rope(x, cos, sin):
   return rotated.astype(x.dtype)
 
 
+def rope_tables_at(positions: jax.Array, head_dim: int, base: float):
+  """cos/sin [B, T, head_dim // 2] for explicit int positions [B, T] (decode path).
+
+  Same float32 arithmetic as `rope_tables`, so a position gets bit-identical angles.
+  """
+  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope_at(x, cos, sin):
+  """`apply_rope` with per-row tables: x [B, T, heads, hd], cos/sin [B, T, hd // 2]."""
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def _write_rows(cache, new, start_pos):
+  """cache [B, M, ...] with new [B, T, ...] written at slot start_pos[b] of each row."""
+  def write(row, update, start):
+    return jax.lax.dynamic_update_slice_in_dim(row, update.astype(row.dtype), start, axis=0)
+  return jax.vmap(write)(cache, new, start_pos)
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE; scores and softmax in float32."""
 
@@ -143,6 +169,33 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, seq, -1, head_dim)
     return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt))
 
+  def decode(self, x, cos, sin, k_cache, v_cache, start_pos):
+    """x [B, T, D] at positions start_pos..start_pos+T-1; caches [B, M, kv, hd].
+
+    Writes the new keys/values into the caches, then attends over every slot at or before
+    each query's position, so stale slots past a row's length are never read.
+    """
+    dt = self.dtype
+    batch, seq, _ = x.shape
+    q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
+    q, k = _apply_rope_at(q, cos, sin), _apply_rope_at(k, cos, sin)
+    k_cache = _write_rows(k_cache, k, start_pos)
+    v_cache = _write_rows(v_cache, v, start_pos)
+    keys, values = k_cache.astype(dt), v_cache.astype(dt)
+    head_dim = q.shape[-1]
+    q = q.reshape(batch, seq, self.num_kv_heads, -1, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    query_pos = start_pos[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, T]
+    slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+    visible = slots[None, None, :] <= query_pos[:, :, None]  # [B, T, M]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(batch, seq, -1, head_dim)
+    return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt)), k_cache, v_cache
+
 
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x))."""
@@ -171,6 +224,13 @@ class Block(nnx.Module):
   def __call__(self, x, cos, sin):
     x = x + self.attn(self.attn_norm(x), cos, sin)
     return x + self.mlp(self.mlp_norm(x))
+
+  def decode(self, x, cos, sin, k_cache, v_cache, start_pos):
+    """`__call__` for new tokens against a kv cache; returns (x, k_cache, v_cache)."""
+    attn, k_cache, v_cache = self.attn.decode(self.attn_norm(x), cos, sin, k_cache, v_cache,
+                                              start_pos)
+    x = x + attn
+    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
 
 def _apply_block(graphdef, state, x, cos, sin):
@@ -225,6 +285,53 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(block)
         x = block_fn(graphdef, state, x, cos, sin)
     return self.final_norm(x)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """Zeroed kv cache {"k", "v"}: [num_layers, batch, max_len, num_kv_heads, head_dim].
+
+    One stacked layout for both `scan_layers` settings. It holds no positions: the caller
+    passes `start_pos` to `decode` and keeps track of each row's length.
+    """
+    c = self.config
+    if max_len > c.max_seq_len:
+      raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={c.max_seq_len}; "
+                       f"lower max_len")
+    dtype = c.compute_dtype if dtype is None else dtype
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def decode(self, tokens: jax.Array, cache: dict, start_pos: jax.Array):
+    """Run tokens [B, T] at positions start_pos[b]..start_pos[b]+T-1 against `cache`.
+
+    Returns (hidden [B, T, D] after the final norm, new cache). Row b attends to cache
+    slots 0..start_pos[b]+t, so slots 0..start_pos[b]-1 must already hold that row's
+    prefix. Prefill is decode with start_pos = 0 and T = the prompt length. Positions
+    must stay below the cache's max_len (writes past it are clamped, not checked).
+    """
+    c = self.config
+    seq = tokens.shape[-1]
+    start_pos = jnp.asarray(start_pos, jnp.int32)
+    positions = start_pos[:, None] + jnp.arange(seq, dtype=jnp.int32)
+    cos, sin = rope_tables_at(positions, c.head_dim, c.rope_base)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
+    if c.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(carry, layer):
+        state, k_cache, v_cache = layer
+        carry, k_cache, v_cache = nnx.merge(graphdef, state).decode(
+            carry, cos, sin, k_cache, v_cache, start_pos)
+        return carry, (k_cache, v_cache)
+
+      x, (ks, vs) = jax.lax.scan(body, x, (stacked, cache["k"], cache["v"]))
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.layers):
+        x, k_cache, v_cache = block.decode(x, cos, sin, cache["k"][i], cache["v"][i], start_pos)
+        ks.append(k_cache)
+        vs.append(v_cache)
+      ks, vs = jnp.stack(ks), jnp.stack(vs)
+    return self.final_norm(x), {"k": ks, "v": vs}
 
   def logits(self, tokens: jax.Array) -> jax.Array:
     """hidden @ unembedding in float32: [B, S, vocab]. For evaluation and tests."""

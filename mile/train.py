@@ -266,6 +266,15 @@ def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
             "tokens": float(aux["num_tokens"])}
 
 
+def _existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
+    """(latest step, its config) of a checkpoint directory, creating nothing."""
+    if not os.path.isdir(ckpt_dir):
+        return None, None
+    with Checkpointer(ckpt_dir, max_to_keep=1000, async_save=False) as checkpointer:
+        latest = checkpointer.latest_step()
+        return latest, (checkpointer.saved_config(latest) if latest is not None else None)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last metrics.
 
@@ -279,10 +288,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     config_dict = json.loads(cfg.to_json())
 
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
-    latest = checkpointer.latest_step()
+    latest, saved = _existing_checkpoint(ckpt_dir)
     if latest is not None:
-        saved = checkpointer.saved_config(latest)
         diff = config_mismatch(saved or {}, config_dict)
         if diff:
             raise ValueError(
@@ -297,6 +304,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
             "raise --config.model.vocab_size or lower --config.data.vocab_size"
         )
 
+    # Everything checked: only now may the workdir be created or written.
+    checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
     graphdef, state, build = build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)

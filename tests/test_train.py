@@ -170,7 +170,7 @@ def test_bad_config_fails_before_touching_workdir(tmp_path, overrides, match):
     workdir = tmp_path / "wd"
     with pytest.raises(ValueError, match=match):
         _train(cfg, workdir)
-    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "config.json").exists()
+    assert not workdir.exists()  # nothing created, let alone overwritten
 
 
 def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
@@ -222,6 +222,22 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     steps = [r["step"] for r in _metrics(wd) if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted
 
-    bad = _launch(tmp_path, f"--workdir={wd}", "--config.loss.name=mse", *common)
-    assert bad.returncode != 0
-    assert "unknown loss 'mse'" in bad.stderr and "Traceback" not in bad.stderr
+    before = sorted(os.listdir(wd / "checkpoints")), (wd / "metrics.jsonl").read_text()
+    for flag, message in (("--config.loss.name=mse", "unknown loss 'mse'"),
+                          ("--config.loss.nmae=ce", 'unknown config key in --config.loss.nmae (did you mean "name"?)'),
+                          ("--config.loss.gamma=-0.5", "gamma must be a finite number >= 0")):
+        bad = _launch(tmp_path, f"--workdir={wd}", flag, *common)
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.strip().startswith("error: ") and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr  # one line, no traceback
+    assert (sorted(os.listdir(wd / "checkpoints")), (wd / "metrics.jsonl").read_text()) == before
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cfg.data.text_files = (str(empty),)
+    with pytest.raises(ValueError, match="empty"):
+        _train(cfg, tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()

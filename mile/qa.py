@@ -1,0 +1,184 @@
+"""Closed-book QA by greedy generation and exact match (lm-evaluation-harness TriviaQA style).
+
+Task file: JSONL, one example per line::
+
+    {"question": "Which city hosts the Eiffel Tower?", "answers": ["Paris", "Paris, France"]}
+
+`answers` is the alias list (an example scores 1 if the normalised prediction equals any
+normalised alias); answers[0] is the canonical answer, used as the target in k-shot prompts.
+`convert_record` maps TriviaQA rc.nocontext, WebQuestions and NQ-Open records to it.
+
+Prompt: k shots "Q: {q}\\nA: {a}\\n\\n" (drawn per example from a separate pool by one
+seeded RNG, as the harness does), then "Q: {question}\\nA:". No BOS is prepended (training
+never sees one). The model generates greedily; the decoded text is cut at the first
+newline, period or comma and compared after `normalize_answer`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import string
+import unicodedata
+from typing import Iterable, Sequence
+
+from mile.generate import greedy_generate
+
+STOP_CHARS = ("\n", ".", ",")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, drop punctuation, drop articles (a, an, the), collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s
+                if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, aliases: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised alias, else 0.0."""
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(alias) for alias in aliases))
+
+
+def cut_at_stop(text: str) -> str:
+    """The text before the first newline, period or comma, stripped."""
+    cut = min((i for i in (text.find(c) for c in STOP_CHARS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def format_shot(example: dict) -> str:
+    return f"Q: {example['question']}\nA: {example['answers'][0]}\n\n"
+
+
+def build_prompt(question: str, shots: Sequence[dict] = ()) -> str:
+    return "".join(format_shot(s) for s in shots) + f"Q: {question}\nA:"
+
+
+def build_prompts(examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0,
+                  shots_pool: Sequence[dict] | None = None) -> list[str]:
+    """One prompt per example; the same (examples, k_shot, seed, pool) give the same prompts."""
+    if k_shot < 0:
+        raise ValueError(f"k_shot={k_shot} is negative; pass 0 or more")
+    if k_shot and not shots_pool:
+        raise ValueError(f"k_shot={k_shot} needs shots_pool; pass examples from a separate split")
+    if k_shot and len(shots_pool) < k_shot:
+        raise ValueError(f"shots_pool has {len(shots_pool)} examples < k_shot={k_shot}; "
+                         f"lower k_shot or enlarge the pool")
+    rng = random.Random(seed)
+    prompts = []
+    for ex in examples:
+        shots = rng.sample(list(shots_pool), k_shot) if k_shot else []
+        prompts.append(build_prompt(ex["question"], shots))
+    return prompts
+
+
+def evaluate_qa(model, tokenizer, examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0,
+                shots_pool: Sequence[dict] | None = None, max_new_tokens: int = 16,
+                batch_size: int = 8) -> dict:
+    """Greedy-generate an answer per example and score exact match.
+
+    Returns {"em": mean EM, "n": number of examples, "predictions": [{"question",
+    "prediction", "answers", "em"}, ...]} in the order of `examples`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    prompts = build_prompts(examples, k_shot=k_shot, seed=seed, shots_pool=shots_pool)
+    # Keep the end of over-long prompts (the question), as the harness truncates from the left.
+    room = model.config.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                         f"model.max_seq_len={model.config.max_seq_len}; lower max_new_tokens")
+    encoded = [tokenizer.encode(p)[-room:] for p in prompts]
+    eos = tokenizer.eos_id
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
+
+    def stop(ids):
+        return ids[-1] == eos or any(c in tokenizer.decode(ids) for c in STOP_CHARS)
+
+    generations = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        # Fill the last batch with copies so every batch has one shape (one compilation).
+        filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        out = greedy_generate(model, filled, max_new_tokens=max_new_tokens, stop_ids=stop,
+                              pad_id=pad)
+        generations.extend(out[:len(chunk)])
+
+    predictions = []
+    for ex, ids in zip(examples, generations):
+        ids = [t for t in ids if t != eos]
+        pred = cut_at_stop(tokenizer.decode(ids))
+        predictions.append({"question": ex["question"], "prediction": pred,
+                            "answers": list(ex["answers"]), "em": exact_match(pred, ex["answers"])})
+    n = len(predictions)
+    em = sum(p["em"] for p in predictions) / n if n else 0.0
+    return {"em": em, "n": n, "predictions": predictions}
+
+
+# ------------------------------------------------------------------------- task files
+def load_examples(path: str | os.PathLike) -> list[dict]:
+    """Read a task JSONL file, checking each line has a question and a non-empty answer list."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            ex = json.loads(line)
+            if not isinstance(ex.get("question"), str) or not ex.get("answers"):
+                raise ValueError(f"{path}:{line_no} needs 'question' (str) and a non-empty "
+                                 f"'answers' list; convert it with mile.qa.convert_record")
+            examples.append({"question": ex["question"], "answers": list(ex["answers"])})
+    return examples
+
+
+def _field(record: dict, dotted: str):
+    """record['a']['b'] or a flattened record['a.b'] (both layouts appear in exports)."""
+    if dotted in record:
+        return record[dotted]
+    value = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def convert_record(record: dict, source: str) -> dict:
+    """Map one source record to {"question", "answers"}.
+
+    source: "triviaqa" (rc.nocontext: question, answer.value, answer.aliases,
+    answer.normalized_aliases), "webquestions" (question, answers) or "nq_open"
+    (question, answer: list of strings).
+    """
+    if source == "triviaqa":
+        answers = [_field(record, "answer.value")]
+        answers += list(_field(record, "answer.aliases") or [])
+        answers += list(_field(record, "answer.normalized_aliases") or [])
+    elif source == "webquestions":
+        answers = list(record.get("answers") or [])
+    elif source == "nq_open":
+        answer = record.get("answer")
+        answers = [answer] if isinstance(answer, str) else list(answer or [])
+    else:
+        raise ValueError(f"unknown QA source {source!r}; expected triviaqa, webquestions or nq_open")
+    # Keep order (answers[0] is the shot target) and drop empties and duplicates.
+    answers = list(dict.fromkeys(a for a in answers if a))
+    if not answers:
+        raise ValueError(f"{source} record {record.get('question')!r} has no answer; drop it")
+    return {"question": record["question"], "answers": answers}
+
+
+def convert_jsonl(records: Iterable[dict], dst: str | os.PathLike, source: str) -> int:
+    """Write converted records (e.g. a HF `datasets` split iterated as dicts) to a task file."""
+    count = 0
+    with open(dst, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(convert_record(record, source), ensure_ascii=False) + "\n")
+            count += 1
+    return count

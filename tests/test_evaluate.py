@@ -1,0 +1,312 @@
+"""mile.evaluate: frequency buckets, bucket perplexity, multiple-choice scoring, the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from train_helpers import tiny_config
+
+from mile import data as mdata
+from mile import evaluate as E
+from mile import train as T
+from mile.model import Llama, ModelConfig
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny corpus, its tokenizer, and a workdir trained for 2 steps."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_config(tmp, **{"train.steps": 2, "train.eval_every": 100})
+    workdir = tmp / "work"
+    T.train(cfg, str(workdir))
+    return cfg, mdata.prepare(cfg.data), workdir
+
+
+@pytest.fixture(scope="module")
+def model():
+    c = ModelConfig(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                    mlp_dim=64, max_seq_len=64, init_std=0.3)
+    return Llama(c, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def stats_fn(model):
+    return E.make_stats_fn(model)
+
+
+def _log_softmax64(model, ids):
+    z = np.asarray(model.logits(np.asarray(ids, np.int32)), np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets.
+# --------------------------------------------------------------------------------------------
+
+
+def test_assign_buckets_hand_example():
+    # counts [50, 30, 10, 5, 3, 2, 0], total 100; ranked order is the ids 0..6.
+    # cumulative: share of occurrences *before* each type = 0, .50, .80, .90, .95, .98, 1.0
+    #   start < .80 -> easy: ids 0, 1; start < .95 -> medium: ids 2, 3; else difficult: 4, 5, 6.
+    # rank: 6 seen types, start = rank / 6 = 0, .17, .33, .50, .67, .83, (unseen)
+    #   < .80 -> easy: ids 0..4; < .95 -> medium: id 5; id 6 never seen -> difficult.
+    counts = np.array([50, 30, 10, 5, 3, 2, 0])
+    np.testing.assert_array_equal(E.assign_buckets(counts), [0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(E.assign_buckets(counts, mode="rank"), [0, 0, 0, 0, 0, 1, 2])
+    # Order does not matter, ties go to the smaller id: [5, 50, 5, 40] ranks ids 1, 3, 0, 2 with
+    # starts 0, .50, .90, .95 -> easy {1, 3}, medium {0}, difficult {2}.
+    np.testing.assert_array_equal(E.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(cut_points=(0.95, 0.8)), dict(cut_points=(0.0, 0.5)),
+                                    dict(mode="zipf")])
+def test_assign_buckets_bad_input(kwargs):
+    with pytest.raises(ValueError):
+        E.assign_buckets(np.array([3, 2, 1]), **kwargs)
+
+
+def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
+    cfg, prepared, _ = trained
+    counts = E.token_counts(prepared, cfg.data)
+    source = E._open_train_source(prepared)
+    docs = [source[i] for i in range(len(source))]
+    expected = np.zeros(prepared.tokenizer.vocab_size, np.int64)
+    for doc in docs:
+        for t in prepared.tokenizer.encode(doc) + [prepared.tokenizer.eos_id]:
+            expected[t] += 1
+    np.testing.assert_array_equal(counts, expected)
+    assert counts.dtype == np.int64 and counts[prepared.tokenizer.eos_id] == len(docs)
+    assert E.counts_cache_path(prepared, len(source)).is_file()
+    # A second call reads the cache instead of tokenising again.
+    monkeypatch.setattr(prepared.tokenizer.processor, "encode", None)
+    np.testing.assert_array_equal(E.token_counts(prepared, cfg.data), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Bucket perplexity.
+# --------------------------------------------------------------------------------------------
+
+
+def test_bucket_perplexity_matches_numpy(model, stats_fn):
+    rng = np.random.default_rng(0)
+    buckets = rng.integers(0, 3, VOCAB).astype(np.int32)
+    batches = []
+    for _ in range(3):
+        tokens = rng.integers(0, VOCAB, (4, 17))
+        mask = (rng.random((4, 16)) > 0.2).astype(np.float32)
+        batches.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask})
+    res = E.bucket_perplexity(model, iter(batches), buckets, stats_fn=stats_fn)
+
+    sums = np.zeros((4, 3))  # per bucket (+ overall): tokens, nll, entropy
+    for b in batches:
+        logp = _log_softmax64(model, b["inputs"])
+        nll = -np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+        ent = -(np.exp(logp) * logp).sum(-1)
+        for k in range(3):
+            m = b["mask"] * (buckets[b["targets"]] == k)
+            sums[k] += [m.sum(), (m * nll).sum(), (m * ent).sum()]
+        sums[3] += [b["mask"].sum(), (b["mask"] * nll).sum(), (b["mask"] * ent).sum()]
+    for k, name in enumerate(E.BUCKET_NAMES + ("overall",)):
+        tokens, nll, ent = sums[k]
+        assert res[name]["tokens"] == tokens
+        np.testing.assert_allclose(res[name]["ce"], nll / tokens, rtol=1e-5)
+        np.testing.assert_allclose(res[name]["perplexity"], np.exp(nll / tokens), rtol=1e-5)
+        np.testing.assert_allclose(res[name]["entropy"], ent / tokens, rtol=1e-5)
+    assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+
+
+def test_empty_bucket_is_reported_not_nan(model, stats_fn):
+    tokens = np.arange(17)[None] % 5
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((1, 16))}
+    res = E.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
+    assert res["easy"]["tokens"] == 16 and res["difficult"] == {"tokens": 0, "ce": None, "perplexity": None,
+                                                                "entropy": None}
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple choice.
+# --------------------------------------------------------------------------------------------
+
+
+def _hand_loglik(model, tokenizer, context, choice):
+    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + choice)
+    assert whole[:len(ctx)] == ctx  # a clean boundary, so the continuation is whole[len(ctx):]
+    ids = np.array([tokenizer.eos_id] + whole)
+    logp = _log_softmax64(model, ids[None, :-1])[0]
+    picked = logp[np.arange(len(ids) - 1), ids[1:]]
+    return picked[len(ctx):].sum()
+
+
+def test_mc_loglik_matches_hand_computation(trained, model, stats_fn):
+    tok = trained[1].tokenizer
+    ex = {"context": "The lord said unto moses", "choices": [" and aaron", " go forth into the land", " amen"],
+          "gold": 1}
+    res = E.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
+    expected = [_hand_loglik(model, tok, ex["context"], c) for c in ex["choices"]]
+    np.testing.assert_allclose(res["loglik"][0], expected, rtol=1e-5)
+    assert res["acc"] == float(np.argmax(expected) == 1)
+    norm = np.array(expected) / [len(c) for c in ex["choices"]]
+    assert res["acc_norm"] == float(np.argmax(norm) == 1)
+
+
+def test_acc_and_acc_norm_differ(trained, model, stats_fn):
+    tok = trained[1].tokenizer
+    # A short choice of byte-fallback tokens (many tokens, 2 chars) against a long choice of
+    # common words: the long one has the lower total but the higher per-character loglik.
+    short, long = " \u00fc\u00df", " and the lord said unto moses"
+    ex = {"context": "And they went up", "choices": [short, long], "gold": 1}
+    res = E.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
+    ll = np.array(res["loglik"][0])
+    assert ll[0] > ll[1] and ll[0] / len(short) < ll[1] / len(long)
+    assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
+
+
+def test_padding_never_changes_a_score(trained, model, stats_fn):
+    tok = trained[1].tokenizer
+    short = {"context": "The lord", "choices": [" said", " went"], "gold": 0}
+    longer = {"context": "And the people rested on the seventh day and blessed the name of the lord for ever",
+              "choices": [" and ever amen", " unto moses"], "gold": 0}
+    alone = E.score_multiple_choice(model, tok, [short], stats_fn=stats_fn, batch_size=1)["loglik"][0]
+    mixed = E.score_multiple_choice(model, tok, [longer, short], stats_fn=stats_fn, batch_size=8)["loglik"][1]
+    np.testing.assert_allclose(mixed, alone, rtol=1e-5, atol=1e-5)
+    # The two batches really had different padded lengths.
+    requests = [E.encode_request(tok, e["context"], e["choices"][0], 64) for e in (short, longer)]
+    assert E._bucket_len(len(requests[0][0]) - 1, 64) < E._bucket_len(len(requests[1][0]) - 1, 64)
+
+
+def test_long_contexts_are_cut_from_the_left(trained, model, stats_fn):
+    tok = trained[1].tokenizer
+    context = "and the lord said unto moses " * 30
+    ids, n_cont = E.encode_request(tok, context, "go forth", 64)
+    assert len(ids) == 65 and ids[-n_cont:] == tok.encode(context + "go forth")[-n_cont:]
+    res = E.score_multiple_choice(model, tok, [{"context": context, "choices": ["go forth", "amen"], "gold": 0}],
+                                  stats_fn=stats_fn)
+    assert np.isfinite(res["loglik"]).all()
+
+
+def _examples(n=6):
+    words = ["lord", "moses", "aaron", "egypt", "land", "people", "flocks", "herds"]
+    return [{"context": f"Question: who went up with {words[i]}?\nAnswer:", "choices": [" moses", " aaron"],
+             "gold": i % 2} for i in range(n)]
+
+
+def test_k_shot_is_deterministic_with_the_seed(trained, model, stats_fn):
+    tok = trained[1].tokenizer
+    examples = _examples()
+    a = [E.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
+    assert a == [E.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
+    assert a != [E.few_shot_prefix(examples, i, 2, seed=2) for i in range(len(examples))]
+    for i, prefix in enumerate(a):
+        assert examples[i]["context"] not in prefix and prefix.count("\n\n") == 2
+    r1 = E.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
+    r2 = E.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
+    r0 = E.score_multiple_choice(model, tok, examples, k_shot=0, stats_fn=stats_fn)
+    assert r1 == r2 and r1["loglik"] != r0["loglik"] and r1["k_shot"] == 2
+    with pytest.raises(ValueError, match="k_shot"):
+        E.few_shot_prefix(examples, 0, 6, seed=0)
+
+
+def test_convert_task_layouts():
+    c = E.convert_task
+    assert c("hellaswag", {"activity_label": "Cooking", "ctx": "He cuts", "endings": ["a", "b"], "label": "1"}) == {
+        "context": "Cooking: He cuts", "choices": [" a", " b"], "gold": 1}
+    assert c("piqa", {"goal": "g", "sol1": "x", "sol2": "y", "label": 0})["context"] == "Question: g\nAnswer:"
+    w = c("winogrande", {"sentence": "Tom gave _ the ball.", "option1": "Ann", "option2": "Bob", "answer": "2"})
+    assert w == {"context": ["Tom gave Ann", "Tom gave Bob"], "choices": [" the ball.", " the ball."], "gold": 1}
+    arc = {"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}
+    assert c("arc_easy", arc)["gold"] == 2
+    obqa = {"question_stem": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+    assert c("openbookqa", obqa) == {"context": "q", "choices": [" a", " b"], "gold": 1}
+    assert c("boolq", {"passage": "p", "question": "q", "answer": True})["gold"] == 1
+    assert c("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "x",
+                      "label": "3"})["gold"] == 2
+    story = {f"input_sentence_{i}": f"s{i}." for i in range(1, 5)}
+    story.update(sentence_quiz1="e1", sentence_quiz2="e2", answer_right_ending=1)
+    assert c("storycloze", story) == {"context": "s1. s2. s3. s4.", "choices": [" e1", " e2"], "gold": 0}
+    for ex in (w, c("boolq", {"passage": "p", "question": "q", "answer": False})):
+        E._check_example(ex, "converted")
+    with pytest.raises(ValueError, match="unknown task"):
+        c("mmlu", {})
+
+
+def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
+    ex = E.convert_task("winogrande", {"sentence": "The lord spoke to _ in the land.", "option1": "moses",
+                                       "option2": "aaron", "answer": "1"})
+    res = E.score_multiple_choice(model, trained[1].tokenizer, [ex], stats_fn=stats_fn)
+    assert res["acc"] == res["acc_norm"] and len(res["loglik"][0]) == 2
+
+
+@pytest.mark.parametrize("line", ['{"context": "a", "choices": [" b", " c"]}', "not json",
+                                  '{"context": "a", "choices": [" b", " c"], "gold": 2}',
+                                  '{"context": "a", "choices": [" b"], "gold": 0}'])
+def test_load_task_rejects_bad_lines(tmp_path, line):
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n' + line + "\n")
+    with pytest.raises(ValueError, match="task.jsonl:2"):
+        E.load_task(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(trained, tmp_path, capsys):
+    _, _, workdir = trained
+    task = tmp_path / "toy_mc.jsonl"
+    task.write_text("".join(json.dumps(e) + "\n" for e in _examples()))
+    argv = ["--workdir", str(workdir), "--mc", str(task), "--k-shot", "1", "--eval-batches", "2"]
+    assert E.main(argv) == 0
+    out = workdir / "eval" / "step_2.json"
+    result = json.loads(out.read_text())
+    assert result["step"] == 2 and result["cut_points"] == [0.8, 0.95]
+    for mode in ("cumulative", "rank"):
+        res = result["perplexity"][mode]
+        assert set(res) == {"easy", "medium", "difficult", "overall"}
+        assert res["overall"]["tokens"] == 2 * 8 * 32  # eval batches x batch x seq_len
+        assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+    assert result["mc"]["toy_mc"]["n"] == 6 and result["mc"]["toy_mc"]["k_shot"] == 1
+    printed = capsys.readouterr().out
+    assert "difficult" in printed and "toy_mc" in printed
+
+    # Never overwrites silently; bad input is a one-line error and exit status 2.
+    assert E.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    assert E.main(["--workdir", str(workdir), "--mc", str(bad), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and err.count("\n") == 1
+    assert E.main(["--workdir", str(tmp_path / "missing")]) == 2
+    assert E.main(["--workdir", str(workdir), "--cut-points", "0.9,0.5", "--out", str(tmp_path / "y.json")]) == 2
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_cli_qa_imports_mile_qa_lazily(trained, tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    _, _, workdir = trained
+    qa = tmp_path / "toy_qa.jsonl"
+    qa.write_text(json.dumps({"question": "Who went up?", "answers": ["moses"]}) + "\n")
+    argv = ["--workdir", str(workdir), "--qa", str(qa), "--eval-batches", "1", "--out", str(tmp_path / "qa.json")]
+    monkeypatch.setitem(sys.modules, "mile.qa", None)  # as before mile/qa.py exists
+    assert E.main(argv) == 2 and "mile.qa" in capsys.readouterr().err
+
+    calls = []
+
+    def evaluate_qa(model, tokenizer, examples, k_shot=0, seed=0):
+        calls.append((len(examples), k_shot, seed))
+        return {"em": 0.0, "n": len(examples), "predictions": ["x"]}
+
+    monkeypatch.setitem(sys.modules, "mile.qa", types.SimpleNamespace(evaluate_qa=evaluate_qa))
+    assert E.main(argv + ["--k-shot", "0", "--seed", "3"]) == 0
+    assert calls == [(1, 0, 3)]
+    assert json.loads((tmp_path / "qa.json").read_text())["qa"]["toy_qa"]["n"] == 1

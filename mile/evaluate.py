@@ -50,7 +50,8 @@ the options differ in the context and the continuation is shared). ``gold`` inde
   the left.
 
 Output policy: results go to ``--out`` or ``<workdir>/eval/step_<N>.json``; an existing file is
-never overwritten unless ``--overwrite`` is given (the command stops before any work).
+never overwritten unless ``--overwrite`` is given (checked right after the checkpoint is
+restored, before any evaluation).
 """
 from __future__ import annotations
 
@@ -236,7 +237,8 @@ def format_perplexity_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     for mode, res in results.items():
         for name, r in res.items():
             if r["tokens"]:
-                lines.append(f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}{r['perplexity']:>11.3f}{r['entropy']:>9.4f}")
+                lines.append(f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}"
+                             f"{r['perplexity']:>11.3f}{r['entropy']:>9.4f}")
             else:
                 lines.append(f"{mode:<11}{name:<11}{0:>10}{'-':>9}{'-':>11}{'-':>9}")
     return "\n".join(lines)
@@ -452,7 +454,8 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix the line.") from None
-            if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(ex.get("answers"), list):
+            ok = isinstance(ex, dict) and isinstance(ex.get("question"), str) and isinstance(ex.get("answers"), list)
+            if not ok:
                 raise ValueError(f"{path}:{i}: expected {{\"question\": str, \"answers\": [str, ...]}}; fix the line.")
             examples.append(ex)
     if not examples:

@@ -121,7 +121,7 @@ def test_evaluate_qa_plumbing(monkeypatch):
         outs = []
         for ids in prompts:
             question = tok.decode(ids)[len("Q: "):-len("\nA:")]
-            out = tok.encode(scripted[question]) + [tok.eos_id]
+            out = [ord(c) for c in scripted[question]] + [tok.eos_id]
             assert not stop_ids(out[:1]) and stop_ids([tok.eos_id])
             outs.append(out)
         return outs

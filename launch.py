@@ -23,9 +23,17 @@ def _maybe_initialize_distributed(mode: str) -> None:
 
     if mode == "no":
         return
-    cluster_env = any(k in os.environ for k in (
-        "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-        "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    cluster_env = any(
+        k in os.environ
+        for k in (
+            "JAX_COORDINATOR_ADDRESS",
+            "COORDINATOR_ADDRESS",
+            "SLURM_NTASKS",
+            "OMPI_COMM_WORLD_SIZE",
+            "TPU_WORKER_HOSTNAMES",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    )
     if mode == "yes" or cluster_env:
         jax.distributed.initialize()
 
@@ -42,8 +50,10 @@ def main(argv):
     from mile import train
 
     if jax.process_index() == 0:
-        print(f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
-              f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {_WORKDIR.value}")
+        print(
+            f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
+            f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {_WORKDIR.value}"
+        )
     train.train(cfg, _WORKDIR.value)
 
 

@@ -13,76 +13,86 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # LLaMA-style decoder (mile.model.ModelConfig).
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=8000,
-        num_layers=4,
-        embed_dim=256,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=64,
-        mlp_dim=704,
-        max_seq_len=256,
-        rope_base=10000.0,
-        norm_eps=1e-5,
-        init_std=0.01,
-        dtype="float32",        # compute dtype; "bfloat16" for mixed precision on accelerators
-        param_dtype="float32",
-        remat="none",           # "full": recompute each block in the backward pass
-        scan_layers=False,      # stack layers and lax.scan them (fast compiles for deep models)
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=8000,
+            num_layers=4,
+            embed_dim=256,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            mlp_dim=704,
+            max_seq_len=256,
+            rope_base=10000.0,
+            norm_eps=1e-5,
+            init_std=0.01,
+            dtype="float32",  # compute dtype; "bfloat16" for mixed precision on accelerators
+            param_dtype="float32",
+            remat="none",  # "full": recompute each block in the backward pass
+            scan_layers=False,  # stack layers and lax.scan them (fast compiles for deep models)
+        )
+    )
 
     # The loss (mile.losses.get_loss); hyperparameters a loss does not take are ignored.
-    c.loss = ml_collections.ConfigDict(dict(
-        name="mile",            # "ce" | "focal" | "mile"
-        gamma=1.0,
-        sigma=1.0,
-        normalization="global",  # "global" (exact over the optimiser batch) | "paper"
-        chunk_size=0,           # tokens per fused LM-head tile; 0 = automatic
-    ))
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            name="mile",  # "ce" | "focal" | "mile"
+            gamma=1.0,
+            sigma=1.0,
+            normalization="global",  # "global" (exact over the optimiser batch) | "paper"
+            chunk_size=0,  # tokens per fused LM-head tile; 0 = automatic
+        )
+    )
 
     # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
-    c.data = ml_collections.ConfigDict(dict(
-        source="kjv",           # "kjv" (Debian's bible-kjv-text) | "text" | "tfds"
-        text_files=(),          # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
-        tfds_name="",           # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
-        tfds_data_dir="",
-        text_key="text",
-        train_split="train",
-        eval_split="validation",
-        validation_every=50,    # kjv/text: every N-th document is held out
-        vocab_size=8000,        # SentencePiece vocabulary (must be <= model.vocab_size)
-        tokenizer_max_docs=100000,
-        cache_dir=".cache",
-        shuffle_seed=0,
-        read_threads=0,
-        seq_len=256,
-        global_batch_size=16,   # sequences per optimiser update, over all processes
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds"
+            text_files=(),  # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
+            tfds_name="",  # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
+            tfds_data_dir="",
+            text_key="text",
+            train_split="train",
+            eval_split="validation",
+            validation_every=50,  # kjv/text: every N-th document is held out
+            vocab_size=8000,  # SentencePiece vocabulary (must be <= model.vocab_size)
+            tokenizer_max_docs=100000,
+            cache_dir=".cache",
+            shuffle_seed=0,
+            read_threads=0,
+            seq_len=256,
+            global_batch_size=16,  # sequences per optimiser update, over all processes
+        )
+    )
 
     # AdamW + linear warmup + cosine decay + global-norm clipping (optax).
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-3,
-        end_learning_rate=0.0,
-        warmup_steps=30,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        no_decay=("norm",),     # parameters whose path contains one of these get no decay
-        clip_norm=1.0,
-        num_microbatches=1,     # gradient accumulation: global batch split into this many
-    ))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=3e-3,
+            end_learning_rate=0.0,
+            warmup_steps=30,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            no_decay=("norm",),  # parameters whose path contains one of these get no decay
+            clip_norm=1.0,
+            num_microbatches=1,  # gradient accumulation: global batch split into this many
+        )
+    )
 
-    c.train = ml_collections.ConfigDict(dict(
-        steps=300,
-        log_every=10,
-        eval_every=100,
-        eval_batches=8,
-        checkpoint_every=100,
-        keep_checkpoints=3,
-        max_nonfinite_steps=3,  # stop after this many consecutive non-finite losses
-        distributed="auto",     # "auto" | "yes" | "no": call jax.distributed.initialize()
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            log_every=10,
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+            keep_checkpoints=3,
+            max_nonfinite_steps=3,  # stop after this many consecutive non-finite losses
+            distributed="auto",  # "auto" | "yes" | "no": call jax.distributed.initialize()
+        )
+    )
 
     # Device mesh; -1 = all remaining devices. Batch is split over data x fsdp.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -96,27 +96,40 @@ def main():
     dtype = jnp.dtype(args.dtype)
     variants = _variants(args.gamma, args.chunk_size)
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, dtype {args.dtype}, gamma {args.gamma}")
-    mem = {k: compiled_temp_bytes(f, args.mem_tokens, args.mem_dim, args.vocab, dtype) for k, f in variants.items()}
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, dtype {args.dtype}, gamma {args.gamma}"
+    )
+    mem = {
+        k: compiled_temp_bytes(f, args.mem_tokens, args.mem_dim, args.vocab, dtype)
+        for k, f in variants.items()
+    }
     # Interleave the variants over several rounds so machine noise hits them alike.
     samples = {k: [] for k in variants}
     for _ in range(args.rounds):
         for k, f in variants.items():
-            samples[k].append(median_seconds(f, args.time_tokens, args.time_dim, args.vocab, dtype, args.repeats))
+            samples[k].append(
+                median_seconds(f, args.time_tokens, args.time_dim, args.vocab, dtype, args.repeats)
+            )
     secs = {k: float(np.median(v)) for k, v in samples.items()}
 
     base_mem, base_t = mem["materialised CE (optax)"], secs["materialised CE (optax)"]
     fused_ce_t = secs["fused CE"]
     print(f"\nmemory: N={args.mem_tokens} D={args.mem_dim} V={args.vocab} (compiled temp, fwd+bwd)")
-    print(f"time:   N={args.time_tokens} D={args.time_dim} V={args.vocab} (median of {args.repeats} runs x {args.rounds} rounds)\n")
-    print(f"| {'variant':34s} | {'temp memory':>12s} | {'vs mat. CE':>10s} | {'time (ms)':>9s} | {'vs mat. CE':>10s} | {'vs fused CE':>11s} |")
+    print(
+        f"time:   N={args.time_tokens} D={args.time_dim} V={args.vocab} (median of {args.repeats} runs x {args.rounds} rounds)\n"
+    )
+    print(
+        f"| {'variant':34s} | {'temp memory':>12s} | {'vs mat. CE':>10s} | {'time (ms)':>9s} | {'vs mat. CE':>10s} | {'vs fused CE':>11s} |"
+    )
     print(f"|{'-' * 36}|{'-' * 14}|{'-' * 12}|{'-' * 11}|{'-' * 12}|{'-' * 13}|")
     for k in variants:
         print(
             f"| {k:34s} | {mem[k] / 2**20:9.1f} MiB | {mem[k] / base_mem:10.4f} | {secs[k] * 1e3:9.2f} |"
             f" {secs[k] / base_t:10.3f} | {secs[k] / fused_ce_t:11.3f} |"
         )
-    print("\ntargets: fused MiLe memory <= 1/40 (0.025) of materialised CE; time <= 1.10x materialised CE; <= 1.03x fused CE")
+    print(
+        "\ntargets: fused MiLe memory <= 1/40 (0.025) of materialised CE; time <= 1.10x materialised CE; <= 1.03x fused CE"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ PNG plots beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,10 +28,22 @@ VARIANTS = {  # name -> config overrides
 
 
 def train_run(workdir: str, overrides: dict, seed: int, steps: int, eval_every: int) -> None:
-    flags = {**overrides, "seed": seed, "data.shuffle_seed": seed, "train.steps": steps,
-             "train.eval_every": eval_every, "train.checkpoint_every": steps}
-    cmd = [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "configs/cpu.py"),
-           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
+    flags = {
+        **overrides,
+        "seed": seed,
+        "data.shuffle_seed": seed,
+        "train.steps": steps,
+        "train.eval_every": eval_every,
+        "train.checkpoint_every": steps,
+    }
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch.py"),
+        "--config",
+        os.path.join(REPO, "configs/cpu.py"),
+        f"--workdir={workdir}",
+        *[f"--config.{k}={v}" for k, v in flags.items()],
+    ]
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
 
@@ -50,8 +61,13 @@ def main():
     runs_dir = os.path.join(REPO, "experiments", "runs", args.name)
     for seed in args.seeds:
         for variant in args.variants:
-            train_run(os.path.join(runs_dir, f"{variant}-s{seed}"), VARIANTS[variant], seed,
-                      args.steps, args.eval_every)
+            train_run(
+                os.path.join(runs_dir, f"{variant}-s{seed}"),
+                VARIANTS[variant],
+                seed,
+                args.steps,
+                args.eval_every,
+            )
     if args.stage == "train":
         return
     from experiments import report

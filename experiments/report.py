@@ -10,7 +10,6 @@ import numpy as np
 from mile import data as mdata
 from mile import evaluate as ev
 from mile.metrics import read_metrics
-from mile.train import load_trained_model
 
 BUCKETS = ("easy", "medium", "difficult")
 
@@ -21,8 +20,9 @@ def make_verse_completion_task(data_cfg, path: str, *, num_examples=200, num_cho
     if os.path.exists(path):
         return path
     prepared = mdata.prepare(data_cfg)
-    source = mdata.tfds_corpus.open_source(prepared.tfds_name, prepared.tfds_data_dir,
-                                           prepared.eval_split, prepared.text_key)
+    source = mdata.tfds_corpus.open_source(
+        prepared.tfds_name, prepared.tfds_data_dir, prepared.eval_split, prepared.text_key
+    )
     docs = [source[i] for i in range(len(source))]
     verses = [v.split() for doc in docs for v in doc.splitlines() if len(v.split()) >= 10]
     rng = np.random.default_rng(seed)
@@ -31,11 +31,23 @@ def make_verse_completion_task(data_cfg, path: str, *, num_examples=200, num_cho
         for i in picks:
             words = verses[i]
             cut = len(words) // 2
-            others = rng.choice([j for j in range(len(verses)) if j != i], size=num_choices - 1, replace=False)
-            endings = [" " + " ".join(words[cut:])] + [" " + " ".join(verses[j][len(verses[j]) // 2:]) for j in others]
+            others = rng.choice(
+                [j for j in range(len(verses)) if j != i], size=num_choices - 1, replace=False
+            )
+            endings = [" " + " ".join(words[cut:])] + [
+                " " + " ".join(verses[j][len(verses[j]) // 2 :]) for j in others
+            ]
             order = rng.permutation(num_choices)
-            f.write(json.dumps({"context": " ".join(words[:cut]), "choices": [endings[o] for o in order],
-                                "gold": int(np.argmax(order == 0))}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "context": " ".join(words[:cut]),
+                        "choices": [endings[o] for o in order],
+                        "gold": int(np.argmax(order == 0)),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -126,15 +138,28 @@ def evaluate_and_report(args, runs_dir: str, variants: dict) -> None:
     ]
     for v in args.variants:
         lines.append(f"| {v} | " + " | ".join(_fmt(column(v, ppl("rank", b))) for b in BUCKETS) + " |")
-    lines += ["", "## Every run", "", "| run | overall | easy | medium | difficult | final validation CE |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| run | overall | easy | medium | difficult | final validation CE |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in args.variants:
         for s in args.seeds:
             e = evals[v, s]["perplexity"]["cumulative"]
             cells = [f"{e[b]['perplexity']:.3f}" for b in ("overall",) + BUCKETS]
             lines.append(f"| {v} seed {s} | " + " | ".join(cells) + f" | {curves[v, s][1][-1]:.4f} |")
-    lines += ["", f"![validation CE]({args.name}_validation_ce.png)",
-              f"![bucket perplexity]({args.name}_bucket_ppl.png)", "", "## Reading", "", "READING", ""]
+    lines += [
+        "",
+        f"![validation CE]({args.name}_validation_ce.png)",
+        f"![bucket perplexity]({args.name}_bucket_ppl.png)",
+        "",
+        "## Reading",
+        "",
+        "READING",
+        "",
+    ]
     report_path = os.path.join(results_dir, f"{args.name}.md")
     if os.path.exists(report_path):  # keep a hand-written reading across re-runs
         with open(report_path) as f:
@@ -147,8 +172,15 @@ def evaluate_and_report(args, runs_dir: str, variants: dict) -> None:
     colors = dict(zip(variants, ["tab:gray", "tab:orange", "tab:cyan", "tab:blue"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (v, s), (steps, ce) in curves.items():
-        ax.plot(steps, ce, color=colors[v], linestyle="-" if s == args.seeds[0] else "--",
-                label=f"{v} seed {s}", marker="o", markersize=3)
+        ax.plot(
+            steps,
+            ce,
+            color=colors[v],
+            linestyle="-" if s == args.seeds[0] else "--",
+            label=f"{v} seed {s}",
+            marker="o",
+            markersize=3,
+        )
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("validation CE (nats)")
     ax.set_title("Validation cross-entropy (plain CE for every loss)")

@@ -53,6 +53,7 @@ Output policy: results go to ``--out`` or ``<workdir>/eval/step_<N>.json``; an e
 never overwritten unless ``--overwrite`` is given (checked right after the checkpoint is
 restored, before any evaluation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,14 +91,23 @@ def _file_sha(path: os.PathLike) -> str:
 def _open_train_source(prepared):
     from mile.data import tfds_corpus
 
-    return tfds_corpus.open_source(prepared.tfds_name, prepared.tfds_data_dir, prepared.train_split,
-                                   prepared.text_key)
+    return tfds_corpus.open_source(
+        prepared.tfds_name, prepared.tfds_data_dir, prepared.train_split, prepared.text_key
+    )
 
 
 def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
     """Where the counts of this (tokenizer, training split) pair are cached."""
-    key = "|".join([_file_sha(prepared.tokenizer_path), prepared.tfds_name, str(prepared.tfds_data_dir),
-                    prepared.train_split, prepared.text_key, str(source_len)])
+    key = "|".join(
+        [
+            _file_sha(prepared.tokenizer_path),
+            prepared.tfds_name,
+            str(prepared.tfds_data_dir),
+            prepared.train_split,
+            prepared.text_key,
+            str(source_len),
+        ]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return pathlib.Path(prepared.tokenizer_path).parent / f"token_counts-{digest}.npy"
 
@@ -135,8 +145,9 @@ def _check_cut_points(cut_points: Sequence[float]) -> tuple[float, ...]:
     return cuts
 
 
-def assign_buckets(counts: np.ndarray, cut_points: Sequence[float] = (0.80, 0.95),
-                   mode: str = "cumulative") -> np.ndarray:
+def assign_buckets(
+    counts: np.ndarray, cut_points: Sequence[float] = (0.80, 0.95), mode: str = "cumulative"
+) -> np.ndarray:
     """int32[V] bucket of every type: 0 = easy (frequent) ... len(cut_points) = difficult (rare)."""
     cuts = _check_cut_points(cut_points)
     counts = np.asarray(counts, np.int64)
@@ -188,13 +199,22 @@ def _summarise(tokens: float, nll: float, entropy: float) -> dict[str, Any]:
     if tokens == 0:
         return {"tokens": 0, "ce": None, "perplexity": None, "entropy": None}
     ce = nll / tokens
-    return {"tokens": int(tokens), "ce": ce, "perplexity": math.exp(min(ce, 700.0)),
-            "entropy": entropy / tokens}
+    return {
+        "tokens": int(tokens),
+        "ce": ce,
+        "perplexity": math.exp(min(ce, 700.0)),
+        "entropy": entropy / tokens,
+    }
 
 
-def bucket_perplexities(model, batches: Iterable[Mapping[str, np.ndarray]],
-                        bucket_maps: Mapping[str, np.ndarray], names: Sequence[str] = BUCKET_NAMES,
-                        *, stats_fn=None) -> dict[str, dict]:
+def bucket_perplexities(
+    model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    bucket_maps: Mapping[str, np.ndarray],
+    names: Sequence[str] = BUCKET_NAMES,
+    *,
+    stats_fn=None,
+) -> dict[str, dict]:
     """``bucket_perplexity`` for several bucketings at once, from one pass over ``batches``."""
     stats_fn = stats_fn or make_stats_fn(model)
     k = len(names)
@@ -207,10 +227,14 @@ def bucket_perplexities(model, batches: Iterable[Mapping[str, np.ndarray]],
         total += [mask.sum(), (mask * out["nll"]).sum(), (mask * out["entropy"]).sum()]
         for key, bucket_of_type in bucket_maps.items():
             if targets.max() >= len(bucket_of_type):
-                raise ValueError(f"target id {targets.max()} is beyond the {len(bucket_of_type)} bucketed types; count tokens with this tokenizer.")
+                raise ValueError(
+                    f"target id {targets.max()} is beyond the {len(bucket_of_type)} bucketed types; count tokens with this tokenizer."
+                )
             b = np.asarray(bucket_of_type)[targets].reshape(-1)
             if b.max() >= k:
-                raise ValueError(f"bucket id {b.max()} has no name in names={tuple(names)}; pass one name per bucket.")
+                raise ValueError(
+                    f"bucket id {b.max()} has no name in names={tuple(names)}; pass one name per bucket."
+                )
             m = mask.reshape(-1)
             for row, values in enumerate((m, m * out["nll"].reshape(-1), m * out["entropy"].reshape(-1))):
                 sums[key][row] += np.bincount(b, weights=values, minlength=k)
@@ -222,8 +246,14 @@ def bucket_perplexities(model, batches: Iterable[Mapping[str, np.ndarray]],
     return results
 
 
-def bucket_perplexity(model, batches: Iterable[Mapping[str, np.ndarray]], bucket_of_type: np.ndarray,
-                      names: Sequence[str] = BUCKET_NAMES, *, stats_fn=None) -> dict[str, dict]:
+def bucket_perplexity(
+    model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    bucket_of_type: np.ndarray,
+    names: Sequence[str] = BUCKET_NAMES,
+    *,
+    stats_fn=None,
+) -> dict[str, dict]:
     """Per bucket of the target type and "overall": tokens, mean CE (nats), perplexity, entropy.
 
     ``batches`` yield ``{"inputs", "targets", "mask"}`` (as ``mile.data.eval_iterator``); sums
@@ -237,8 +267,10 @@ def format_perplexity_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     for mode, res in results.items():
         for name, r in res.items():
             if r["tokens"]:
-                lines.append(f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}"
-                             f"{r['perplexity']:>11.3f}{r['entropy']:>9.4f}")
+                lines.append(
+                    f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}"
+                    f"{r['perplexity']:>11.3f}{r['entropy']:>9.4f}"
+                )
             else:
                 lines.append(f"{mode:<11}{name:<11}{0:>10}{'-':>9}{'-':>11}{'-':>9}")
     return "\n".join(lines)
@@ -253,7 +285,11 @@ def _check_example(ex: Any, where: str) -> dict:
     if not isinstance(ex, dict) or not {"context", "choices", "gold"} <= set(ex):
         raise ValueError(f"{where}: expected an object with context, choices, gold; fix the task file.")
     choices, gold, context = ex["choices"], ex["gold"], ex["context"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
         raise ValueError(f"{where}: choices must be a list of >= 2 non-empty strings; fix the task file.")
     if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
         raise ValueError(f"{where}: gold={gold!r} must be an int index into the {len(choices)} choices.")
@@ -293,14 +329,21 @@ def _shot_text(ex: Mapping) -> str:
     return _contexts(ex)[ex["gold"]] + ex["choices"][ex["gold"]] + "\n\n"
 
 
-def few_shot_prefix(examples: Sequence[Mapping], index: int, k_shot: int, seed: int,
-                    shot_pool: Sequence[Mapping] | None = None) -> str:
+def few_shot_prefix(
+    examples: Sequence[Mapping],
+    index: int,
+    k_shot: int,
+    seed: int,
+    shot_pool: Sequence[Mapping] | None = None,
+) -> str:
     """The k demonstrations for example ``index``: fixed by (seed, index), never the example itself."""
     if k_shot <= 0:
         return ""
     pool = list(shot_pool) if shot_pool is not None else [e for i, e in enumerate(examples) if i != index]
     if len(pool) < k_shot:
-        raise ValueError(f"k_shot={k_shot} needs at least {k_shot} shot examples, have {len(pool)}; lower --k-shot.")
+        raise ValueError(
+            f"k_shot={k_shot} needs at least {k_shot} shot examples, have {len(pool)}; lower --k-shot."
+        )
     rng = np.random.default_rng([seed, index])
     return "".join(_shot_text(pool[j]) for j in rng.choice(len(pool), size=k_shot, replace=False))
 
@@ -323,22 +366,25 @@ def encode_request(tokenizer, context: str, continuation: str, max_len: int) -> 
     if n_cont == 0:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens; give non-empty choices.")
     if n_cont > max_len:
-        raise ValueError(f"continuation has {n_cont} tokens, more than max_seq_len={max_len}; shorten the choices.")
+        raise ValueError(
+            f"continuation has {n_cont} tokens, more than max_seq_len={max_len}; shorten the choices."
+        )
     ids = [tokenizer.eos_id] + whole
-    return ids[-(max_len + 1):], n_cont
+    return ids[-(max_len + 1) :], n_cont
 
 
 def _bucket_len(n: int, cap: int) -> int:
     return min(cap, max(_MIN_MC_LEN, 1 << (n - 1).bit_length()))
 
 
-def score_requests(stats_fn, requests: Sequence[tuple[list[int], int]], *, max_len: int,
-                   batch_size: int = 16) -> np.ndarray:
+def score_requests(
+    stats_fn, requests: Sequence[tuple[list[int], int]], *, max_len: int, batch_size: int = 16
+) -> np.ndarray:
     """float64 summed log-likelihood of each request's continuation tokens."""
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     scores = np.zeros(len(requests))
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         seq = _bucket_len(max(len(requests[i][0]) for i in rows) - 1, max_len)
         inputs = np.zeros((batch_size, seq), np.int32)  # padding rows/columns: masked out below
         targets = np.zeros((batch_size, seq), np.int32)
@@ -347,16 +393,25 @@ def score_requests(stats_fn, requests: Sequence[tuple[list[int], int]], *, max_l
             ids, n_cont = requests[i]
             n = len(ids) - 1
             inputs[r, :n], targets[r, :n] = ids[:-1], ids[1:]
-            mask[r, n - n_cont:n] = 1.0
+            mask[r, n - n_cont : n] = 1.0
         nll = stats_fn(inputs, targets)["nll"]
         for r, i in enumerate(rows):
             scores[i] = -(nll[r] * mask[r]).sum()
     return scores
 
 
-def score_multiple_choice(model, tokenizer, examples: Sequence[Mapping], *, k_shot: int = 0, seed: int = 0,
-                          shot_pool: Sequence[Mapping] | None = None, batch_size: int = 16,
-                          max_len: int | None = None, stats_fn=None) -> dict[str, Any]:
+def score_multiple_choice(
+    model,
+    tokenizer,
+    examples: Sequence[Mapping],
+    *,
+    k_shot: int = 0,
+    seed: int = 0,
+    shot_pool: Sequence[Mapping] | None = None,
+    batch_size: int = 16,
+    max_len: int | None = None,
+    stats_fn=None,
+) -> dict[str, Any]:
     """{"acc", "acc_norm", "n", "k_shot", "loglik": [[per choice] per example]}."""
     examples = [_check_example(e, f"example {i}") for i, e in enumerate(examples)]
     max_len = max_len or model.config.max_seq_len
@@ -370,7 +425,7 @@ def score_multiple_choice(model, tokenizer, examples: Sequence[Mapping], *, k_sh
     scores = score_requests(stats_fn, requests, max_len=max_len, batch_size=batch_size)
     logliks, acc, acc_norm, pos = [], 0, 0, 0
     for ex in examples:
-        ll = scores[pos:pos + len(ex["choices"])]
+        ll = scores[pos : pos + len(ex["choices"])]
         pos += len(ex["choices"])
         lengths = np.array([len(c) for c in ex["choices"]], np.float64)
         acc += int(np.argmax(ll) == ex["gold"])
@@ -398,36 +453,58 @@ def convert_task(name: str, record: Mapping[str, Any]) -> dict:
             ctx = f"{record['activity_label']}: {ctx}"
         return {"context": ctx, "choices": [" " + e for e in record["endings"]], "gold": int(record["label"])}
     if name == "piqa":
-        return {"context": f"Question: {record['goal']}\nAnswer:",
-                "choices": [" " + record["sol1"], " " + record["sol2"]], "gold": int(record["label"])}
+        return {
+            "context": f"Question: {record['goal']}\nAnswer:",
+            "choices": [" " + record["sol1"], " " + record["sol2"]],
+            "gold": int(record["label"]),
+        }
     if name == "winogrande":
         # Partial scoring: each option fills the blank in the context; the text after the
         # blank is the shared continuation, so acc and acc_norm agree.
         sentence = record["sentence"]
         cut = sentence.index("_")
-        rest = " " + sentence[cut + 1:].strip()
-        return {"context": [sentence[:cut] + record["option1"], sentence[:cut] + record["option2"]],
-                "choices": [rest, rest], "gold": int(record["answer"]) - 1}
+        rest = " " + sentence[cut + 1 :].strip()
+        return {
+            "context": [sentence[:cut] + record["option1"], sentence[:cut] + record["option2"]],
+            "choices": [rest, rest],
+            "gold": int(record["answer"]) - 1,
+        }
     if name in ("arc", "arc_easy", "arc_challenge"):
         ch = record["choices"]
-        return {"context": f"Question: {record['question']}\nAnswer:", "choices": [" " + t for t in ch["text"]],
-                "gold": _letter_index(ch["label"], record["answerKey"])}
+        return {
+            "context": f"Question: {record['question']}\nAnswer:",
+            "choices": [" " + t for t in ch["text"]],
+            "gold": _letter_index(ch["label"], record["answerKey"]),
+        }
     if name == "openbookqa":
         ch = record["choices"]
-        return {"context": record["question_stem"], "choices": [" " + t for t in ch["text"]],
-                "gold": _letter_index(ch["label"], record["answerKey"])}
+        return {
+            "context": record["question_stem"],
+            "choices": [" " + t for t in ch["text"]],
+            "gold": _letter_index(ch["label"], record["answerKey"]),
+        }
     if name == "boolq":
-        return {"context": f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:",
-                "choices": [" no", " yes"], "gold": int(bool(record["answer"]))}
+        return {
+            "context": f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:",
+            "choices": [" no", " yes"],
+            "gold": int(bool(record["answer"])),
+        }
     if name == "siqa":
-        return {"context": f"Question: {record['context']} {record['question']}\nAnswer:",
-                "choices": [" " + record[k] for k in ("answerA", "answerB", "answerC")],
-                "gold": int(record["label"]) - 1}
+        return {
+            "context": f"Question: {record['context']} {record['question']}\nAnswer:",
+            "choices": [" " + record[k] for k in ("answerA", "answerB", "answerC")],
+            "gold": int(record["label"]) - 1,
+        }
     if name == "storycloze":
         story = " ".join(record[f"input_sentence_{i}"] for i in range(1, 5))
-        return {"context": story, "choices": [" " + record["sentence_quiz1"], " " + record["sentence_quiz2"]],
-                "gold": int(record["answer_right_ending"]) - 1}
-    raise ValueError(f"unknown task layout {name!r}; use one of hellaswag, piqa, winogrande, arc, openbookqa, boolq, siqa, storycloze.")
+        return {
+            "context": story,
+            "choices": [" " + record["sentence_quiz1"], " " + record["sentence_quiz2"]],
+            "gold": int(record["answer_right_ending"]) - 1,
+        }
+    raise ValueError(
+        f"unknown task layout {name!r}; use one of hellaswag, piqa, winogrande, arc, openbookqa, boolq, siqa, storycloze."
+    )
 
 
 def format_mc_table(results: Mapping[str, dict]) -> str:
@@ -454,9 +531,15 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix the line.") from None
-            ok = isinstance(ex, dict) and isinstance(ex.get("question"), str) and isinstance(ex.get("answers"), list)
+            ok = (
+                isinstance(ex, dict)
+                and isinstance(ex.get("question"), str)
+                and isinstance(ex.get("answers"), list)
+            )
             if not ok:
-                raise ValueError(f"{path}:{i}: expected {{\"question\": str, \"answers\": [str, ...]}}; fix the line.")
+                raise ValueError(
+                    f'{path}:{i}: expected {{"question": str, "answers": [str, ...]}}; fix the line.'
+                )
             examples.append(ex)
     if not examples:
         raise ValueError(f"QA file {path} has no examples; add JSONL lines.")
@@ -467,7 +550,9 @@ def _parse_cut_points(text: str) -> tuple[float, ...]:
     try:
         return _check_cut_points([float(x) for x in text.split(",") if x.strip()])
     except (TypeError, ValueError):
-        raise ValueError(f"--cut-points={text!r} must be increasing fractions in (0, 1), e.g. 0.8,0.95.") from None
+        raise ValueError(
+            f"--cut-points={text!r} must be increasing fractions in (0, 1), e.g. 0.8,0.95."
+        ) from None
 
 
 def _task_name(path: str, taken: Mapping) -> str:
@@ -506,19 +591,31 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = token_counts(prepared, cfg.data)
     maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
-    batches = mdata.eval_iterator(cfg.data, prepared, seq_len=cfg.data.seq_len,
-                                  global_batch_size=cfg.data.global_batch_size, num_batches=args.eval_batches)
+    batches = mdata.eval_iterator(
+        cfg.data,
+        prepared,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.data.global_batch_size,
+        num_batches=args.eval_batches,
+    )
     perplexity = bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
     print(f"step {step}: perplexity by training-frequency bucket (cut points {cut_points})")
     print(format_perplexity_table(perplexity))
     result: dict[str, Any] = {
-        "workdir": os.path.abspath(args.workdir), "step": int(step), "cut_points": list(cut_points),
-        "bucket_types": {mode: np.bincount(m, minlength=len(BUCKET_NAMES)).tolist() for mode, m in maps.items()},
-        "perplexity": perplexity, "mc": {}, "qa": {},
+        "workdir": os.path.abspath(args.workdir),
+        "step": int(step),
+        "cut_points": list(cut_points),
+        "bucket_types": {
+            mode: np.bincount(m, minlength=len(BUCKET_NAMES)).tolist() for mode, m in maps.items()
+        },
+        "perplexity": perplexity,
+        "mc": {},
+        "qa": {},
     }
     for name, examples in mc_tasks.items():
-        result["mc"][name] = score_multiple_choice(model, prepared.tokenizer, examples, k_shot=args.k_shot,
-                                                   seed=args.seed, stats_fn=stats_fn)
+        result["mc"][name] = score_multiple_choice(
+            model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed, stats_fn=stats_fn
+        )
     if mc_tasks:
         print(format_mc_table(result["mc"]))
     if qa_tasks:

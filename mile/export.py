@@ -14,6 +14,7 @@ float32 formula. tests/test_export.py checks HF logits against `Llama.logits`.
 Tokenizer: training never prepends BOS (documents are joined with EOS), so the exported
 tokenizer has add_bos_token false; evaluation should not add BOS either.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,21 @@ def _layer_params(model: Llama):
     else:
         blocks = [(block, None) for block in model.layers]
     for block, i in blocks:
+
         def get(param):
             value = _np(param[...])
             return value if i is None else value[i]
 
         yield {
-            "q": get(block.attn.q), "k": get(block.attn.k), "v": get(block.attn.v),
+            "q": get(block.attn.q),
+            "k": get(block.attn.k),
+            "v": get(block.attn.v),
             "o": get(block.attn.o),
-            "attn_norm": get(block.attn_norm.scale), "mlp_norm": get(block.mlp_norm.scale),
-            "gate": get(block.mlp.gate), "up": get(block.mlp.up), "down": get(block.mlp.down),
+            "attn_norm": get(block.attn_norm.scale),
+            "mlp_norm": get(block.mlp_norm.scale),
+            "gate": get(block.mlp.gate),
+            "up": get(block.mlp.up),
+            "down": get(block.mlp.down),
         }
 
 
@@ -114,8 +121,11 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
     def piece(i):
         return sp.id_to_piece(i) if i >= 0 else None
 
-    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-               "unk_token": piece(sp.unk_id())}
+    special = {
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+    }
     if sp.pad_id() >= 0:
         special["pad_token"] = piece(sp.pad_id())
     tok_cfg = {
@@ -156,8 +166,10 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir) -> pathlib.Path:
         raise ValueError(f"tokenizer {tokenizer_path} not found; pass --tokenizer path/to/sp.model.")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     if sp.vocab_size() > c.vocab_size:
-        raise ValueError(f"tokenizer has {sp.vocab_size()} pieces > model.vocab_size={c.vocab_size}; "
-                         "pass the tokenizer the model was trained with.")
+        raise ValueError(
+            f"tokenizer has {sp.vocab_size()} pieces > model.vocab_size={c.vocab_size}; "
+            "pass the tokenizer the model was trained with."
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
@@ -167,9 +179,12 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir) -> pathlib.Path:
     os.umask(umask)
     weights.chmod(0o666 & ~umask)
     tok_cfg, special = _tokenizer_files(sp, c.max_seq_len)
-    files = {"config.json": hf_config(mcfg, sp), "tokenizer_config.json": tok_cfg,
-             "special_tokens_map.json": special,
-             "generation_config.json": {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}}
+    files = {
+        "config.json": hf_config(mcfg, sp),
+        "tokenizer_config.json": tok_cfg,
+        "special_tokens_map.json": special,
+        "generation_config.json": {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()},
+    }
     for name, content in files.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
@@ -181,8 +196,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
     parser.add_argument("--out", required=True, help="new or empty output directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="sp.model to export (default: mile.data.prepare(cfg.data).tokenizer_path)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sp.model to export (default: mile.data.prepare(cfg.data).tokenizer_path)",
+    )
     args = parser.parse_args(argv)
     try:
         # Fail before the (slow) restore if the output would be overwritten.

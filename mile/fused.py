@@ -81,7 +81,7 @@ def _scan_statistics(spec, paper, h3, w_mat, y2, m2):
 
 def _scan_statistics_and_gradients(spec, paper, h3, w_mat, y2, m2):
     compute_dtype = jnp.result_type(h3.dtype, w_mat.dtype)
-    contract_vocab = (((1,), (1,)), ((), ()))   # [T,V] x [D,V] -> [T,D]
+    contract_vocab = (((1,), (1,)), ((), ()))  # [T,V] x [D,V] -> [T,D]
     contract_tokens = (((0,), (0,)), ((), ()))  # [T,D] x [T,V] -> [D,V]
 
     def body(d_unembed, xs):
@@ -91,9 +91,7 @@ def _scan_statistics_and_gradients(spec, paper, h3, w_mat, y2, m2):
         p = jnp.exp(s - log_norm[:, None])
         g = (coeff * p - jnp.where(is_label, coeff, 0.0)).astype(compute_dtype)  # unscaled dL/dz
         d_hidden = lax.dot_general(g, w_mat, contract_vocab, preferred_element_type=jnp.float32)
-        d_unembed = d_unembed + lax.dot_general(
-            h, g, contract_tokens, preferred_element_type=jnp.float32
-        )
+        d_unembed = d_unembed + lax.dot_general(h, g, contract_tokens, preferred_element_type=jnp.float32)
         numerator = jnp.sum(coeff[:, 0] * stats["nll"])
         return d_unembed, (numerator, stats, d_hidden.astype(h3.dtype))
 
@@ -168,8 +166,9 @@ def fused_loss_terms(
     numerator, stats = _fused_numerator(spec, paper, h3, unembedding, y2, m2)
     num_tokens = int(np.prod(labels.shape))
     stats = {k: lax.stop_gradient(v.reshape(-1)[:num_tokens]) for k, v in stats.items()}
-    terms = L.reduce_terms(stats["nll"], stats["entropy"], mask.reshape(-1), stats["weight"],
-                           stats["norm_weight"])
+    terms = L.reduce_terms(
+        stats["nll"], stats["entropy"], mask.reshape(-1), stats["weight"], stats["norm_weight"]
+    )
     terms["numerator"] = numerator
     return terms
 
@@ -206,5 +205,7 @@ def fused_token_statistics(hidden, unembedding, labels, *, chunk_size: int | Non
     tiles = _tiles(hidden, labels, mask, unembedding.shape[1], chunk_size)
     _, stats = _scan_statistics(L.get_loss("ce"), False, tiles[0], unembedding, *tiles[1:])
     num_tokens = int(np.prod(labels.shape))
-    return {k: lax.stop_gradient(stats[k].reshape(-1)[:num_tokens].reshape(labels.shape))
-            for k in ("nll", "entropy")}
+    return {
+        k: lax.stop_gradient(stats[k].reshape(-1)[:num_tokens].reshape(labels.shape))
+        for k in ("nll", "entropy")
+    }

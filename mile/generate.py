@@ -8,6 +8,7 @@ token, where the causal mask hides them, and are overwritten before they are att
 Prefill and the one-token step are jitted on (graphdef, shapes); P is rounded up to a
 multiple of `_LENGTH_BUCKET` so batches with similar prompt lengths reuse one compilation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,9 +59,15 @@ def _stopper(stop_ids) -> Callable[[list[int]], bool]:
     return lambda generated: generated[-1] in stop_set
 
 
-def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    stop_ids=frozenset(), pad_id: int = 0, use_cache: bool = True
-                    ) -> list[list[int]]:
+def greedy_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids=frozenset(),
+    pad_id: int = 0,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Greedy continuation of each prompt; returns the generated ids per row.
 
     stop_ids: a set of ids (a row stops once it produces one) or a callable
@@ -75,21 +82,24 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() == 0:
-        raise ValueError("an empty prompt has no position to predict from; give every prompt "
-                         "at least one token")
+        raise ValueError(
+            "an empty prompt has no position to predict from; give every prompt at least one token"
+        )
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     max_seq_len = model.config.max_seq_len
     if lengths.max() + max_new_tokens > max_seq_len:
-        raise ValueError(f"prompt length {lengths.max()} + max_new_tokens={max_new_tokens} exceeds "
-                         f"model.max_seq_len={max_seq_len}; truncate prompts or generate fewer tokens")
+        raise ValueError(
+            f"prompt length {lengths.max()} + max_new_tokens={max_new_tokens} exceeds "
+            f"model.max_seq_len={max_seq_len}; truncate prompts or generate fewer tokens"
+        )
     bucketed = -(-int(lengths.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
     prompt_len = min(bucketed, max_seq_len - max_new_tokens)
     total = prompt_len + max_new_tokens
     batch = len(prompts)
     buffer = np.full((batch, total), pad_id, np.int32)
     for b, prompt in enumerate(prompts):
-        buffer[b, :len(prompt)] = prompt
+        buffer[b, : len(prompt)] = prompt
 
     graphdef, state = nnx.split(model)
     should_stop = _stopper(stop_ids)
@@ -99,13 +109,13 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     cache = model.init_cache(batch, total) if use_cache else None
     for step in range(max_new_tokens):
         if use_cache and step == 0:
-            token, cache = _prefill(graphdef, state, jnp.asarray(buffer[:, :prompt_len]), cache,
-                                    jnp.asarray(lengths))
+            token, cache = _prefill(
+                graphdef, state, jnp.asarray(buffer[:, :prompt_len]), cache, jnp.asarray(lengths)
+            )
         elif use_cache:
             # Feed the previous token at its position; finished rows feed a harmless pad.
             prev = np.where(active, buffer[np.arange(batch), cur - 1], pad_id).astype(np.int32)
-            token, cache = _decode_step(graphdef, state, jnp.asarray(prev), cache,
-                                        jnp.asarray(cur - 1))
+            token, cache = _decode_step(graphdef, state, jnp.asarray(prev), cache, jnp.asarray(cur - 1))
         else:
             token = _full_forward_step(graphdef, state, jnp.asarray(buffer), jnp.asarray(cur))
         token = np.asarray(token)

@@ -84,9 +84,7 @@ class LossSpec:
 
 def _check_normalization(normalization: str) -> str:
     if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}"
-        )
+        raise ValueError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
     return normalization
 
 
@@ -167,7 +165,10 @@ def token_statistics(
 
 
 def weights_from_statistics(
-    spec: LossSpec, nll: jax.Array, entropy: jax.Array, mask: jax.Array,
+    spec: LossSpec,
+    nll: jax.Array,
+    entropy: jax.Array,
+    mask: jax.Array,
     clamped_entropy: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(weight w, normaliser contribution) per position, both stop-gradient.
@@ -265,7 +266,9 @@ def prepare_mask(mask: jax.Array | None, labels: jax.Array) -> jax.Array:
 def check_labels(labels: jax.Array, expected_shape: tuple[int, ...], what: str) -> jax.Array:
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integers (token ids), got dtype {labels.dtype}; cast with .astype(jnp.int32)")
+        raise ValueError(
+            f"labels must be integers (token ids), got dtype {labels.dtype}; cast with .astype(jnp.int32)"
+        )
     if labels.shape != tuple(expected_shape):
         raise ValueError(
             f"labels shape {labels.shape} does not match {what} {tuple(expected_shape)}; "
@@ -277,7 +280,9 @@ def check_labels(labels: jax.Array, expected_shape: tuple[int, ...], what: str) 
 def check_float(name: str, x: jax.Array, min_ndim: int = 1) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}; cast with .astype(jnp.float32)")
+        raise ValueError(
+            f"{name} must be a floating-point array, got dtype {x.dtype}; cast with .astype(jnp.float32)"
+        )
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
     return x
@@ -323,7 +328,12 @@ def focal_loss(logits, labels, mask=None, *, gamma: float = 1.0, normalization: 
 
 
 def mile_loss(
-    logits, labels, mask=None, *, gamma: float = 1.0, sigma: float = 1.0,
+    logits,
+    labels,
+    mask=None,
+    *,
+    gamma: float = 1.0,
+    sigma: float = 1.0,
     normalization: str = "global",
 ):
     """MiLe: CE weighted by stop-gradient (sigma + H)^gamma, H the predictive entropy (nats)."""

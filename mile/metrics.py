@@ -6,6 +6,7 @@
 Non-finite values are written as JSON null in metrics.jsonl (so every line is valid JSON) and
 skipped in TensorBoard.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,147 +18,165 @@ from typing import Any, Mapping
 
 
 def _to_float(v: Any) -> float:
-  # Accepts Python numbers, NumPy scalars and 0-d jax / numpy arrays.
-  return float(v.item() if hasattr(v, "item") else v)
+    # Accepts Python numbers, NumPy scalars and 0-d jax / numpy arrays.
+    return float(v.item() if hasattr(v, "item") else v)
 
 
 class MetricsWriter:
-  """Appends scalars to <workdir>/metrics.jsonl and <workdir>/tb. No-op when not enabled."""
+    """Appends scalars to <workdir>/metrics.jsonl and <workdir>/tb. No-op when not enabled."""
 
-  def __init__(self, workdir, *, enabled: bool):
-    self.enabled = bool(enabled)
-    self._jsonl = None
-    self._tb = None
-    if not self.enabled:
-      return
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = open(self.path, "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    def __init__(self, workdir, *, enabled: bool):
+        self.enabled = bool(enabled)
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        workdir = os.fspath(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(self.path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
-  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
-    if not self.enabled:
-      return
-    step = int(step)
-    record: dict[str, Any] = {"step": step}
-    for name, value in scalars.items():
-      key = f"{prefix}/{name}" if prefix else str(name)
-      x = _to_float(value)
-      record[key] = x if math.isfinite(x) else None
-      if math.isfinite(x):
-        self._tb.add_scalar(key, x, global_step=step)
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    self._jsonl.flush()
-    self._tb.flush()
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        step = int(step)
+        record: dict[str, Any] = {"step": step}
+        for name, value in scalars.items():
+            key = f"{prefix}/{name}" if prefix else str(name)
+            x = _to_float(value)
+            record[key] = x if math.isfinite(x) else None
+            if math.isfinite(x):
+                self._tb.add_scalar(key, x, global_step=step)
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path) -> list[dict]:
-  """Parses a metrics.jsonl file (or a workdir containing one) into a list of dicts."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """Parses a metrics.jsonl file (or a workdir containing one) into a list of dicts."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _fmt_rate(x: float) -> str:
-  if x >= 1e6:
-    return f"{x / 1e6:.2f}M"
-  if x >= 1e3:
-    return f"{x / 1e3:.1f}k"
-  return f"{x:.0f}"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
 
 
 class ProgressBar:
-  """Progress over optimiser steps: step, loss, plain CE, tokens/s, ETA.
+    """Progress over optimiser steps: step, loss, plain CE, tokens/s, ETA.
 
-  On a TTY: a tqdm bar (tqdm computes the ETA). Otherwise (CI logs, nohup): a plain line
-  every `log_every` steps or `log_seconds` seconds, whichever comes first, plus the last step,
-  e.g. "step 200/1000 (20.0%) loss 3.1234 ce 3.2001 tok/s 12.3k eta 0:01:05".
-  Disabled (non-zero processes): every method is a no-op.
-  """
+    On a TTY: a tqdm bar (tqdm computes the ETA). Otherwise (CI logs, nohup): a plain line
+    every `log_every` steps or `log_seconds` seconds, whichever comes first, plus the last step,
+    e.g. "step 200/1000 (20.0%) loss 3.1234 ce 3.2001 tok/s 12.3k eta 0:01:05".
+    Disabled (non-zero processes): every method is a no-op.
+    """
 
-  def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, *,
-               log_every: int = 100, log_seconds: float = 60.0, file=None):
-    self.enabled = bool(enabled)
-    self.total = int(total_steps)
-    self.step = int(initial_step)
-    self._file = file if file is not None else sys.stdout
-    self._bar = None
-    if not self.enabled:
-      return
-    self._tty = hasattr(self._file, "isatty") and self._file.isatty()
-    self.log_every = max(1, int(log_every))
-    self.log_seconds = float(log_seconds)
-    self._t0 = time.monotonic()
-    self._step0 = self.step
-    self._last_print = self._t0
-    self._last_step_printed = self.step
-    if self._tty:
-      from tqdm.auto import tqdm
-      self._bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
-                       mininterval=0.5, file=self._file)
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        *,
+        log_every: int = 100,
+        log_seconds: float = 60.0,
+        file=None,
+    ):
+        self.enabled = bool(enabled)
+        self.total = int(total_steps)
+        self.step = int(initial_step)
+        self._file = file if file is not None else sys.stdout
+        self._bar = None
+        if not self.enabled:
+            return
+        self._tty = hasattr(self._file, "isatty") and self._file.isatty()
+        self.log_every = max(1, int(log_every))
+        self.log_seconds = float(log_seconds)
+        self._t0 = time.monotonic()
+        self._step0 = self.step
+        self._last_print = self._t0
+        self._last_step_printed = self.step
+        if self._tty:
+            from tqdm.auto import tqdm
 
-  def update(self, step: int, *, loss=None, ce=None, tokens_per_s=None) -> None:
-    if not self.enabled:
-      return
-    step = int(step)
-    parts = {}
-    if loss is not None:
-      parts["loss"] = f"{_to_float(loss):.4f}"
-    if ce is not None:
-      parts["ce"] = f"{_to_float(ce):.4f}"
-    if tokens_per_s is not None:
-      parts["tok/s"] = _fmt_rate(_to_float(tokens_per_s))
-    if self._bar is not None:
-      self._bar.update(step - self.step)
-      self.step = step
-      if parts:
-        self._bar.set_postfix(parts, refresh=False)
-      return
-    self.step = step
-    now = time.monotonic()
-    due = (step - self._last_step_printed >= self.log_every
-           or now - self._last_print >= self.log_seconds
-           or step >= self.total)
-    if not due or step == self._last_step_printed:
-      return
-    self._last_print, self._last_step_printed = now, step
-    done = step - self._step0
-    eta = "?"
-    if done > 0:
-      secs = (now - self._t0) / done * max(0, self.total - step)
-      eta = time.strftime("%H:%M:%S", time.gmtime(secs)) if secs < 86400 else f"{secs / 3600:.0f}h"
-    pct = 100.0 * step / self.total if self.total else 100.0
-    msg = f"step {step}/{self.total} ({pct:.1f}%)"
-    for k, v in parts.items():
-      msg += f" {k} {v}"
-    print(f"{msg} eta {eta}", file=self._file, flush=True)
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.5,
+                file=self._file,
+            )
 
-  def write(self, msg: str) -> None:
-    """Prints a line above the bar (e.g. validation results)."""
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(msg, file=self._file)
-    else:
-      print(msg, file=self._file, flush=True)
+    def update(self, step: int, *, loss=None, ce=None, tokens_per_s=None) -> None:
+        if not self.enabled:
+            return
+        step = int(step)
+        parts = {}
+        if loss is not None:
+            parts["loss"] = f"{_to_float(loss):.4f}"
+        if ce is not None:
+            parts["ce"] = f"{_to_float(ce):.4f}"
+        if tokens_per_s is not None:
+            parts["tok/s"] = _fmt_rate(_to_float(tokens_per_s))
+        if self._bar is not None:
+            self._bar.update(step - self.step)
+            self.step = step
+            if parts:
+                self._bar.set_postfix(parts, refresh=False)
+            return
+        self.step = step
+        now = time.monotonic()
+        due = (
+            step - self._last_step_printed >= self.log_every
+            or now - self._last_print >= self.log_seconds
+            or step >= self.total
+        )
+        if not due or step == self._last_step_printed:
+            return
+        self._last_print, self._last_step_printed = now, step
+        done = step - self._step0
+        eta = "?"
+        if done > 0:
+            secs = (now - self._t0) / done * max(0, self.total - step)
+            eta = time.strftime("%H:%M:%S", time.gmtime(secs)) if secs < 86400 else f"{secs / 3600:.0f}h"
+        pct = 100.0 * step / self.total if self.total else 100.0
+        msg = f"step {step}/{self.total} ({pct:.1f}%)"
+        for k, v in parts.items():
+            msg += f" {k} {v}"
+        print(f"{msg} eta {eta}", file=self._file, flush=True)
 
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
+    def write(self, msg: str) -> None:
+        """Prints a line above the bar (e.g. validation results)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=self._file)
+        else:
+            print(msg, file=self._file, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -13,6 +13,7 @@ seeded RNG, as the harness does), then "Q: {question}\\nA:". No BOS is prepended
 never sees one). The model generates greedily; the decoded text is cut at the first
 newline, period or comma and compared after `normalize_answer`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 def normalize_answer(s: str) -> str:
     """Lower-case, drop punctuation, drop articles (a, an, the), collapse whitespace."""
     s = s.lower()
-    s = "".join(ch for ch in s
-                if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
+    s = "".join(
+        ch for ch in s if ch not in string.punctuation and not unicodedata.category(ch).startswith("P")
+    )
     s = _ARTICLES.sub(" ", s)
     return " ".join(s.split())
 
@@ -60,16 +62,18 @@ def build_prompt(question: str, shots: Sequence[dict] = ()) -> str:
     return "".join(format_shot(s) for s in shots) + f"Q: {question}\nA:"
 
 
-def build_prompts(examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0,
-                  shots_pool: Sequence[dict] | None = None) -> list[str]:
+def build_prompts(
+    examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0, shots_pool: Sequence[dict] | None = None
+) -> list[str]:
     """One prompt per example; the same (examples, k_shot, seed, pool) give the same prompts."""
     if k_shot < 0:
         raise ValueError(f"k_shot={k_shot} is negative; pass 0 or more")
     if k_shot and not shots_pool:
         raise ValueError(f"k_shot={k_shot} needs shots_pool; pass examples from a separate split")
     if k_shot and len(shots_pool) < k_shot:
-        raise ValueError(f"shots_pool has {len(shots_pool)} examples < k_shot={k_shot}; "
-                         f"lower k_shot or enlarge the pool")
+        raise ValueError(
+            f"shots_pool has {len(shots_pool)} examples < k_shot={k_shot}; lower k_shot or enlarge the pool"
+        )
     rng = random.Random(seed)
     prompts = []
     for ex in examples:
@@ -78,9 +82,17 @@ def build_prompts(examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0,
     return prompts
 
 
-def evaluate_qa(model, tokenizer, examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0,
-                shots_pool: Sequence[dict] | None = None, max_new_tokens: int = 16,
-                batch_size: int = 8) -> dict:
+def evaluate_qa(
+    model,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    k_shot: int = 0,
+    seed: int = 0,
+    shots_pool: Sequence[dict] | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> dict:
     """Greedy-generate an answer per example and score exact match.
 
     Returns {"em": mean EM, "n": number of examples, "predictions": [{"question",
@@ -92,8 +104,10 @@ def evaluate_qa(model, tokenizer, examples: Sequence[dict], *, k_shot: int = 0, 
     # Keep the end of over-long prompts (the question), as the harness truncates from the left.
     room = model.config.max_seq_len - max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                         f"model.max_seq_len={model.config.max_seq_len}; lower max_new_tokens")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"model.max_seq_len={model.config.max_seq_len}; lower max_new_tokens"
+        )
     encoded = [tokenizer.encode(p)[-room:] for p in prompts]
     eos = tokenizer.eos_id
     pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
@@ -103,19 +117,24 @@ def evaluate_qa(model, tokenizer, examples: Sequence[dict], *, k_shot: int = 0, 
 
     generations = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         # Fill the last batch with copies so every batch has one shape (one compilation).
         filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        out = greedy_generate(model, filled, max_new_tokens=max_new_tokens, stop_ids=stop,
-                              pad_id=pad)
-        generations.extend(out[:len(chunk)])
+        out = greedy_generate(model, filled, max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=pad)
+        generations.extend(out[: len(chunk)])
 
     predictions = []
     for ex, ids in zip(examples, generations):
         ids = [t for t in ids if t != eos]
         pred = cut_at_stop(tokenizer.decode(ids))
-        predictions.append({"question": ex["question"], "prediction": pred,
-                            "answers": list(ex["answers"]), "em": exact_match(pred, ex["answers"])})
+        predictions.append(
+            {
+                "question": ex["question"],
+                "prediction": pred,
+                "answers": list(ex["answers"]),
+                "em": exact_match(pred, ex["answers"]),
+            }
+        )
     n = len(predictions)
     em = sum(p["em"] for p in predictions) / n if n else 0.0
     return {"em": em, "n": n, "predictions": predictions}
@@ -131,8 +150,10 @@ def load_examples(path: str | os.PathLike) -> list[dict]:
                 continue
             ex = json.loads(line)
             if not isinstance(ex.get("question"), str) or not ex.get("answers"):
-                raise ValueError(f"{path}:{line_no} needs 'question' (str) and a non-empty "
-                                 f"'answers' list; convert it with mile.qa.convert_record")
+                raise ValueError(
+                    f"{path}:{line_no} needs 'question' (str) and a non-empty "
+                    f"'answers' list; convert it with mile.qa.convert_record"
+                )
             examples.append({"question": ex["question"], "answers": list(ex["answers"])})
     return examples
 

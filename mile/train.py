@@ -111,8 +111,12 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm),
         optax.adamw(
-            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-            weight_decay=optim_cfg.weight_decay, mask=lambda p: _decay_mask(p, no_decay),
+            schedule,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            mask=lambda p: _decay_mask(p, no_decay),
         ),
     )
 
@@ -140,8 +144,9 @@ def _split_microbatches(batch, k: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(graphdef, spec: L.LossSpec, *, chunk_size: int | None, num_microbatches: int,
-                    schedule: optax.Schedule):
+def make_train_step(
+    graphdef, spec: L.LossSpec, *, chunk_size: int | None, num_microbatches: int, schedule: optax.Schedule
+):
     """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
     whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
     is divided once. A non-finite loss or gradient leaves the state unchanged (the loop counts
@@ -154,14 +159,16 @@ def make_train_step(graphdef, spec: L.LossSpec, *, chunk_size: int | None, num_m
         def numerator(p, mb):
             m = nnx.merge(model_def, p, rest)
             hidden = m(mb["inputs"])
-            terms = fused_loss_terms(spec, hidden, m.unembedding(), mb["targets"], mb["mask"],
-                                     chunk_size=chunk_size)
+            terms = fused_loss_terms(
+                spec, hidden, m.unembedding(), mb["targets"], mb["mask"], chunk_size=chunk_size
+            )
             return terms["numerator"], terms
 
         grad_fn = jax.value_and_grad(numerator, has_aux=True)
         if num_microbatches == 1:
             (_, terms), grads = grad_fn(params, batch)
         else:
+
             def accumulate(carry, mb):
                 grads_acc, terms_acc = carry
                 (_, t), g = grad_fn(params, mb)
@@ -210,8 +217,9 @@ def make_eval_step(graphdef, *, chunk_size: int | None):
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
         hidden = model(batch["inputs"])
-        return fused_loss_terms(ce, hidden, model.unembedding(), batch["targets"], batch["mask"],
-                                chunk_size=chunk_size)
+        return fused_loss_terms(
+            ce, hidden, model.unembedding(), batch["targets"], batch["mask"], chunk_size=chunk_size
+        )
 
     return step
 
@@ -252,8 +260,12 @@ def _to_float(metrics) -> dict[str, float]:
 
 def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
     it = mdata.eval_iterator(
-        cfg.data, prepared, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
-        num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+        cfg.data,
+        prepared,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.data.global_batch_size,
+        num_batches=cfg.train.eval_batches,
+        process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
     total = None
@@ -262,8 +274,12 @@ def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
         total = terms if total is None else L.combine_terms(total, terms)
     _, aux = L.finalize_terms(total)
     ce = float(aux["nll"])
-    return {"ce": ce, "perplexity": float(np.exp(min(ce, 80.0))), "entropy": float(aux["entropy"]),
-            "tokens": float(aux["num_tokens"])}
+    return {
+        "ce": ce,
+        "perplexity": float(np.exp(min(ce, 80.0))),
+        "entropy": float(aux["entropy"]),
+        "tokens": float(aux["num_tokens"]),
+    }
 
 
 def _existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
@@ -310,8 +326,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
     train_it = mdata.train_iterator(
-        cfg.data, prepared, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        cfg.data,
+        prepared,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.data.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     start_step = 0
     if latest is not None:
@@ -336,8 +356,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     chunk = cfg.loss.chunk_size or None
     step_fn = jax.jit(
-        make_train_step(graphdef, spec, chunk_size=chunk, num_microbatches=cfg.optim.num_microbatches,
-                        schedule=schedule),
+        make_train_step(
+            graphdef, spec, chunk_size=chunk, num_microbatches=cfg.optim.num_microbatches, schedule=schedule
+        ),
         in_shardings=(state_shardings, batch_shard),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
@@ -362,8 +383,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         m = _to_float(metrics)
         if m.pop("finite") < 1:
             nonfinite += 1
-            bar.write(f"step {step}: non-finite loss ({m['loss']}), gradient or update; step skipped "
-                      f"({nonfinite}/{cfg.train.max_nonfinite_steps})")
+            bar.write(
+                f"step {step}: non-finite loss ({m['loss']}), gradient or update; step skipped "
+                f"({nonfinite}/{cfg.train.max_nonfinite_steps})"
+            )
             if nonfinite >= cfg.train.max_nonfinite_steps:
                 raise TrainingError(
                     f"{nonfinite} consecutive non-finite steps ending at step {step}; stopped without "
@@ -390,8 +413,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                 if pending is not None:
                     consume(*pending)
                 pending = (step, metrics)
-                if step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0 \
-                        or step == last_step:
+                if (
+                    step % cfg.train.eval_every == 0
+                    or step % cfg.train.checkpoint_every == 0
+                    or step == last_step
+                ):
                     consume(*pending)
                     pending = None
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:

@@ -1,6 +1,7 @@
 """Tests for mile.data: corpus files, TFDS ArrayRecord round trip, tokenizer cache, packing,
 per-process slicing and exact iterator save/restore. Tiny corpora only; no network except the
 one KJV test, which skips when apt is unavailable."""
+
 import json
 import os
 import shutil
@@ -15,254 +16,285 @@ from mile.data import corpus, pipeline, tfds_corpus, tokenizer
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def _english_like_docs(n_docs=60, seed=0):
-  """Deterministic pseudo-English documents with enough variety to train a 400-piece BPE."""
-  rng = np.random.default_rng(seed)
-  syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ber", "dan", "fel", "gor", "hin", "jup"]
-  words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
-  docs = []
-  for d in range(n_docs):
-    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(rng.integers(1, 6))]
-    docs.append(f"Document {d}.\n" + "\n".join(lines))
-  return docs
+    """Deterministic pseudo-English documents with enough variety to train a 400-piece BPE."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ber", "dan", "fel", "gor", "hin", "jup"]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
+    docs = []
+    for d in range(n_docs):
+        lines = [
+            " ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "."
+            for _ in range(rng.integers(1, 6))
+        ]
+        docs.append(f"Document {d}.\n" + "\n".join(lines))
+    return docs
 
 
 class _IntTokenizer:
-  """Stub tokenizer: text is space-separated integers; EOS is 0. Makes expected packing trivial."""
-  eos_id = 0
+    """Stub tokenizer: text is space-separated integers; EOS is 0. Makes expected packing trivial."""
 
-  def encode(self, text):
-    return [int(t) for t in text.split()]
+    eos_id = 0
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
 
 
 def _take(it, n):
-  return [next(it) for _ in range(n)]
+    return [next(it) for _ in range(n)]
 
 
 def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      assert x[k].dtype == y[k].dtype
-      np.testing.assert_array_equal(x[k], y[k])
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype
+            np.testing.assert_array_equal(x[k], y[k])
 
 
 @pytest.fixture(scope="module")
 def text_cfg(tmp_path_factory):
-  """A prepared tiny 'text' corpus (JSONL), shared by the tests that need a real tokenizer."""
-  root = tmp_path_factory.mktemp("data")
-  path = corpus.write_jsonl(root / "docs.jsonl", _english_like_docs())
-  cfg = dict(source="text", text_files=[str(path)], vocab_size=400, validation_every=10,
-             cache_dir=str(root / "cache"), shuffle_seed=3)
-  return cfg, md.prepare(cfg)
+    """A prepared tiny 'text' corpus (JSONL), shared by the tests that need a real tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    path = corpus.write_jsonl(root / "docs.jsonl", _english_like_docs())
+    cfg = dict(
+        source="text",
+        text_files=[str(path)],
+        vocab_size=400,
+        validation_every=10,
+        cache_dir=str(root / "cache"),
+        shuffle_seed=3,
+    )
+    return cfg, md.prepare(cfg)
 
 
 # --- corpus files ------------------------------------------------------------------------
 
+
 def test_txt_documents_are_separated_by_blank_lines(tmp_path):
-  path = tmp_path / "c.txt"
-  path.write_text("first doc\nline two\n\n\nsecond doc\n  \nthird\n", encoding="utf-8")
-  assert corpus.read_documents([path]) == ["first doc\nline two", "second doc", "third"]
+    path = tmp_path / "c.txt"
+    path.write_text("first doc\nline two\n\n\nsecond doc\n  \nthird\n", encoding="utf-8")
+    assert corpus.read_documents([path]) == ["first doc\nline two", "second doc", "third"]
 
 
 def test_jsonl_documents_use_the_text_key(tmp_path):
-  path = tmp_path / "c.jsonl"
-  path.write_text('{"body": "a"}\n\n{"body": "b\\nc"}\n', encoding="utf-8")
-  assert corpus.read_documents([path], text_key="body") == ["a", "b\nc"]
-  with pytest.raises(ValueError, match="text_key"):
-    corpus.read_documents([path])
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"body": "a"}\n\n{"body": "b\\nc"}\n', encoding="utf-8")
+    assert corpus.read_documents([path], text_key="body") == ["a", "b\nc"]
+    with pytest.raises(ValueError, match="text_key"):
+        corpus.read_documents([path])
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda p: p / "missing.txt", "does not exist"),
-    (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "no documents"),
-    (lambda p: (p / "empty.jsonl").write_text("") or p / "empty.jsonl", "no documents"),
-    (lambda p: (p / "c.csv").write_text("x") and p / "c.csv", "unsupported suffix"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "no documents"),
+        (lambda p: (p / "empty.jsonl").write_text("") or p / "empty.jsonl", "no documents"),
+        (lambda p: (p / "c.csv").write_text("x") and p / "c.csv", "unsupported suffix"),
+    ],
+)
 def test_bad_corpus_files_give_one_line_errors(tmp_path, make, match):
-  with pytest.raises(ValueError, match=match) as err:
-    corpus.read_documents([make(tmp_path)])
-  assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    with pytest.raises(ValueError, match=match) as err:
+        corpus.read_documents([make(tmp_path)])
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
 
 def test_prepare_rejects_bad_configs(tmp_path):
-  with pytest.raises(ValueError, match="data.source"):
-    md.prepare({"source": "pile"}, tmp_path)
-  with pytest.raises(ValueError, match="text_files"):
-    md.prepare({"source": "text", "text_files": []}, tmp_path)
-  with pytest.raises(ValueError, match="tfds_name"):
-    md.prepare({"source": "tfds"}, tmp_path)
-  with pytest.raises(ValueError, match="tfds build"):
-    md.prepare({"source": "tfds", "tfds_name": "no_such_dataset_xyz", "tfds_data_dir": str(tmp_path)}, tmp_path)
+    with pytest.raises(ValueError, match="data.source"):
+        md.prepare({"source": "pile"}, tmp_path)
+    with pytest.raises(ValueError, match="text_files"):
+        md.prepare({"source": "text", "text_files": []}, tmp_path)
+    with pytest.raises(ValueError, match="tfds_name"):
+        md.prepare({"source": "tfds"}, tmp_path)
+    with pytest.raises(ValueError, match="tfds build"):
+        md.prepare(
+            {"source": "tfds", "tfds_name": "no_such_dataset_xyz", "tfds_data_dir": str(tmp_path)}, tmp_path
+        )
 
 
 # --- TFDS ArrayRecord ---------------------------------------------------------------------
 
+
 def test_tfds_round_trip_keeps_documents_and_splits(tmp_path):
-  docs = [f"doc {i}\nsecond line é ✓" for i in range(23)]
-  data_dir = tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5)
-  train = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "train")
-  validation = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "validation")
-  assert [validation[i] for i in range(len(validation))] == [docs[i] for i in (4, 9, 14, 19)]
-  assert [train[i] for i in range(len(train))] == [d for i, d in enumerate(docs) if (i + 1) % 5]
-  assert list(data_dir.glob("*/1.0.0/*.array_record-*")), "expected ArrayRecord files"
-  # Building again is a no-op that returns the same directory.
-  assert tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5) == data_dir
-  assert "tensorflow" not in sys.modules
+    docs = [f"doc {i}\nsecond line é ✓" for i in range(23)]
+    data_dir = tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5)
+    train = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "train")
+    validation = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "validation")
+    assert [validation[i] for i in range(len(validation))] == [docs[i] for i in (4, 9, 14, 19)]
+    assert [train[i] for i in range(len(train))] == [d for i, d in enumerate(docs) if (i + 1) % 5]
+    assert list(data_dir.glob("*/1.0.0/*.array_record-*")), "expected ArrayRecord files"
+    # Building again is a no-op that returns the same directory.
+    assert tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5) == data_dir
+    assert "tensorflow" not in sys.modules
 
 
 def test_too_few_documents_for_a_validation_split(tmp_path):
-  with pytest.raises(ValueError, match="validation_every"):
-    tfds_corpus.build_text_dataset(["a", "b"], tmp_path, validation_every=50)
+    with pytest.raises(ValueError, match="validation_every"):
+        tfds_corpus.build_text_dataset(["a", "b"], tmp_path, validation_every=50)
 
 
 # --- tokenizer ----------------------------------------------------------------------------
 
+
 def test_tokenizer_is_trained_once_and_round_trips(tmp_path):
-  docs = _english_like_docs()
-  before = tokenizer.train_count
-  tok = tokenizer.train_or_load(docs, corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
-  mtime = os.stat(tok.path).st_mtime_ns
-  again = tokenizer.train_or_load(iter(()), corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
-  assert tokenizer.train_count == before + 1
-  assert again.path == tok.path and os.stat(tok.path).st_mtime_ns == mtime
-  assert tok.path.name == "sp.model" and tok.path.is_file()
-  assert tok.vocab_size == 400
-  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (3, 1, 2)
-  text = docs[0] + "\n  Ünïcode ✓ 42"
-  assert tok.decode(tok.encode(text)) == text
-  # A different vocab size is a different cache entry.
-  other = tokenizer.train_or_load(docs, corpus_fingerprint="fp", vocab_size=420, cache_dir=tmp_path)
-  assert other.path != tok.path and other.vocab_size == 420
+    docs = _english_like_docs()
+    before = tokenizer.train_count
+    tok = tokenizer.train_or_load(docs, corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
+    mtime = os.stat(tok.path).st_mtime_ns
+    again = tokenizer.train_or_load(iter(()), corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
+    assert tokenizer.train_count == before + 1
+    assert again.path == tok.path and os.stat(tok.path).st_mtime_ns == mtime
+    assert tok.path.name == "sp.model" and tok.path.is_file()
+    assert tok.vocab_size == 400
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (3, 1, 2)
+    text = docs[0] + "\n  Ünïcode ✓ 42"
+    assert tok.decode(tok.encode(text)) == text
+    # A different vocab size is a different cache entry.
+    other = tokenizer.train_or_load(docs, corpus_fingerprint="fp", vocab_size=420, cache_dir=tmp_path)
+    assert other.path != tok.path and other.vocab_size == 420
 
 
 def test_prepare_is_idempotent(text_cfg):
-  cfg, prepared = text_cfg
-  before = tokenizer.train_count
-  again = md.prepare(cfg)
-  assert tokenizer.train_count == before
-  assert again.tokenizer_path == prepared.tokenizer_path and again.tfds_data_dir == prepared.tfds_data_dir
-  assert prepared.tokenizer.vocab_size == 400
+    cfg, prepared = text_cfg
+    before = tokenizer.train_count
+    again = md.prepare(cfg)
+    assert tokenizer.train_count == before
+    assert again.tokenizer_path == prepared.tokenizer_path and again.tfds_data_dir == prepared.tfds_data_dir
+    assert prepared.tokenizer.vocab_size == 400
 
 
 # --- packing ------------------------------------------------------------------------------
 
+
 def test_packing_matches_hand_computed_concatenation():
-  docs = ["5 6 7", "8", "9 10 11 12 13", "14 15"]
-  # Concatenation with EOS (0) after every document: 5 6 7 0 8 0 9 10 11 12 13 0 14 15 0 (15).
-  ds = pipeline.eval_dataset(docs, _IntTokenizer(), seq_len=3, global_batch_size=2, num_batches=None)
-  batches = list(ds)
-  assert len(batches) == 1  # 3 windows of 4 tokens; one full batch of 2, the last is dropped
-  b = batches[0]
-  np.testing.assert_array_equal(b["inputs"], [[5, 6, 7], [8, 0, 9]])
-  np.testing.assert_array_equal(b["targets"], [[6, 7, 0], [0, 9, 10]])
-  assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
-  assert b["mask"].dtype == np.float32 and b["mask"].shape == (2, 3) and np.all(b["mask"] == 1)
+    docs = ["5 6 7", "8", "9 10 11 12 13", "14 15"]
+    # Concatenation with EOS (0) after every document: 5 6 7 0 8 0 9 10 11 12 13 0 14 15 0 (15).
+    ds = pipeline.eval_dataset(docs, _IntTokenizer(), seq_len=3, global_batch_size=2, num_batches=None)
+    batches = list(ds)
+    assert len(batches) == 1  # 3 windows of 4 tokens; one full batch of 2, the last is dropped
+    b = batches[0]
+    np.testing.assert_array_equal(b["inputs"], [[5, 6, 7], [8, 0, 9]])
+    np.testing.assert_array_equal(b["targets"], [[6, 7, 0], [0, 9, 10]])
+    assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
+    assert b["mask"].dtype == np.float32 and b["mask"].shape == (2, 3) and np.all(b["mask"] == 1)
 
 
 def test_real_tokenizer_windows_are_shifted_and_separated(text_cfg):
-  cfg, prepared = text_cfg
-  it = md.eval_iterator(cfg, prepared, seq_len=32, global_batch_size=4, num_batches=3)
-  batches = list(it)
-  assert len(batches) == 3
-  eos = prepared.tokenizer.eos_id
-  validation = tfds_corpus.open_source(prepared.tfds_name, prepared.tfds_data_dir, "validation")
-  one_pass = []
-  for i in range(len(validation)):
-    one_pass += prepared.tokenizer.encode(validation[i]) + [eos]
-  stream = one_pass * (1 + 3 * 4 * 33 // len(one_pass))  # eval cycles when a pass is too short
-  windows = np.array(stream[:3 * 4 * 33]).reshape(12, 33)
-  got_inputs = np.concatenate([b["inputs"] for b in batches])
-  got_targets = np.concatenate([b["targets"] for b in batches])
-  np.testing.assert_array_equal(got_inputs, windows[:, :-1])
-  np.testing.assert_array_equal(got_targets, windows[:, 1:])
-  assert (got_inputs == eos).any()
+    cfg, prepared = text_cfg
+    it = md.eval_iterator(cfg, prepared, seq_len=32, global_batch_size=4, num_batches=3)
+    batches = list(it)
+    assert len(batches) == 3
+    eos = prepared.tokenizer.eos_id
+    validation = tfds_corpus.open_source(prepared.tfds_name, prepared.tfds_data_dir, "validation")
+    one_pass = []
+    for i in range(len(validation)):
+        one_pass += prepared.tokenizer.encode(validation[i]) + [eos]
+    stream = one_pass * (1 + 3 * 4 * 33 // len(one_pass))  # eval cycles when a pass is too short
+    windows = np.array(stream[: 3 * 4 * 33]).reshape(12, 33)
+    got_inputs = np.concatenate([b["inputs"] for b in batches])
+    got_targets = np.concatenate([b["targets"] for b in batches])
+    np.testing.assert_array_equal(got_inputs, windows[:, :-1])
+    np.testing.assert_array_equal(got_targets, windows[:, 1:])
+    assert (got_inputs == eos).any()
 
 
 def test_eval_iterator_is_deterministic_with_a_fixed_count(text_cfg):
-  cfg, prepared = text_cfg
-  make = lambda: list(md.eval_iterator(cfg, prepared, seq_len=64, global_batch_size=4, num_batches=20))
-  first, second = make(), make()
-  assert len(first) == 20  # more than one pass over the tiny split: it cycles
-  _assert_batches_equal(first, second)
+    cfg, prepared = text_cfg
+    make = lambda: list(md.eval_iterator(cfg, prepared, seq_len=64, global_batch_size=4, num_batches=20))
+    first, second = make(), make()
+    assert len(first) == 20  # more than one pass over the tiny split: it cycles
+    _assert_batches_equal(first, second)
 
 
 # --- per-process slicing ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("train", [False, True])
 def test_processes_read_disjoint_documents_covering_everything(train):
-  # Each document is 3 tokens + EOS = one window of seq_len + 1 = 4, so window <-> document.
-  docs = [f"{3 * i + 1} {3 * i + 2} {3 * i + 3}" for i in range(10)]
-  seen = []
-  for p in range(2):
-    kw = dict(seq_len=3, global_batch_size=2, process_index=p, process_count=2)
-    if train:
-      ds = pipeline.train_dataset(docs, _IntTokenizer(), seed=7, **kw)
-    else:
-      ds = pipeline.eval_dataset(docs, _IntTokenizer(), num_batches=None, **kw)
-    it = iter(ds)
-    batches = _take(it, 5)  # one epoch of this process's 5 documents, batch 1 each
-    assert all(b["inputs"].shape == (1, 3) for b in batches)
-    seen.append({int(b["inputs"][0, 0]) for b in batches})
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {3 * i + 1 for i in range(10)}
+    # Each document is 3 tokens + EOS = one window of seq_len + 1 = 4, so window <-> document.
+    docs = [f"{3 * i + 1} {3 * i + 2} {3 * i + 3}" for i in range(10)]
+    seen = []
+    for p in range(2):
+        kw = dict(seq_len=3, global_batch_size=2, process_index=p, process_count=2)
+        if train:
+            ds = pipeline.train_dataset(docs, _IntTokenizer(), seed=7, **kw)
+        else:
+            ds = pipeline.eval_dataset(docs, _IntTokenizer(), num_batches=None, **kw)
+        it = iter(ds)
+        batches = _take(it, 5)  # one epoch of this process's 5 documents, batch 1 each
+        assert all(b["inputs"].shape == (1, 3) for b in batches)
+        seen.append({int(b["inputs"][0, 0]) for b in batches})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {3 * i + 1 for i in range(10)}
 
 
 def test_batch_size_must_divide_by_process_count():
-  with pytest.raises(ValueError, match="multiple of process_count"):
-    pipeline.train_dataset(["1 2"], _IntTokenizer(), seq_len=2, global_batch_size=3, seed=0, process_count=2)
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        pipeline.train_dataset(
+            ["1 2"], _IntTokenizer(), seq_len=2, global_batch_size=3, seed=0, process_count=2
+        )
 
 
 # --- checkpointable iterator --------------------------------------------------------------
 
+
 def test_train_iterator_restores_bit_exactly(text_cfg):
-  cfg, prepared = text_cfg
-  make = lambda: md.train_iterator(cfg, prepared, seq_len=48, global_batch_size=4)
-  it = make()
-  _take(it, 5)
-  state = json.loads(json.dumps(it.get_state()))  # must survive JSON
-  expected = _take(it, 5)
-  restored = make()
-  restored.set_state(state)
-  _assert_batches_equal(_take(restored, 5), expected)
+    cfg, prepared = text_cfg
+    make = lambda: md.train_iterator(cfg, prepared, seq_len=48, global_batch_size=4)
+    it = make()
+    _take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))  # must survive JSON
+    expected = _take(it, 5)
+    restored = make()
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 5), expected)
 
 
 def test_restore_is_exact_at_every_step_across_epochs():
-  # Uneven document lengths so windows straddle documents and epochs (5 docs, 17 tokens/epoch).
-  docs = ["1 2 3 4 5 6", "7", "8 9 10", "11 12 13 14", "15"]
-  make = lambda: iter(pipeline.train_dataset(docs, _IntTokenizer(), seq_len=4, global_batch_size=2, seed=1))
-  reference = _take(make(), 30)
-  it = make()
-  for step in range(25):
-    state = json.loads(json.dumps(it.get_state()))
-    restored = make()
-    restored.set_state(state)
-    _assert_batches_equal(_take(restored, 5), reference[step:step + 5])
-    next(it)
+    # Uneven document lengths so windows straddle documents and epochs (5 docs, 17 tokens/epoch).
+    docs = ["1 2 3 4 5 6", "7", "8 9 10", "11 12 13 14", "15"]
+    make = lambda: iter(pipeline.train_dataset(docs, _IntTokenizer(), seq_len=4, global_batch_size=2, seed=1))
+    reference = _take(make(), 30)
+    it = make()
+    for step in range(25):
+        state = json.loads(json.dumps(it.get_state()))
+        restored = make()
+        restored.set_state(state)
+        _assert_batches_equal(_take(restored, 5), reference[step : step + 5])
+        next(it)
 
 
 def test_epochs_are_reshuffled_and_seeded():
-  docs = [str(i) for i in range(1, 41)]  # each doc + EOS = 2 tokens = one window with seq_len=1
-  first_tokens = lambda seed: [int(b["inputs"][0, 0]) for b in _take(iter(
-      pipeline.train_dataset(docs, _IntTokenizer(), seq_len=1, global_batch_size=1, seed=seed)), 80)]
-  a = first_tokens(0)
-  assert sorted(a[:40]) == sorted(a[40:]) == list(range(1, 41))
-  assert a[:40] != a[40:]
-  assert first_tokens(0) == a and first_tokens(1) != a
+    docs = [str(i) for i in range(1, 41)]  # each doc + EOS = 2 tokens = one window with seq_len=1
+    first_tokens = lambda seed: [
+        int(b["inputs"][0, 0])
+        for b in _take(
+            iter(pipeline.train_dataset(docs, _IntTokenizer(), seq_len=1, global_batch_size=1, seed=seed)), 80
+        )
+    ]
+    a = first_tokens(0)
+    assert sorted(a[:40]) == sorted(a[40:]) == list(range(1, 41))
+    assert a[:40] != a[40:]
+    assert first_tokens(0) == a and first_tokens(1) != a
 
 
 # --- the real KJV corpus (needs apt; skipped otherwise) ----------------------------------
 
-@pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg-deb")), reason="needs apt-get and dpkg-deb")
+
+@pytest.mark.skipif(
+    not (shutil.which("apt-get") and shutil.which("dpkg-deb")), reason="needs apt-get and dpkg-deb"
+)
 def test_fetch_kjv(tmp_path):
-  try:
-    path = corpus.fetch_kjv(tmp_path)
-  except RuntimeError as e:  # no mirror, no apt lists, no network: not this code's failure
-    pytest.skip(f"could not download bible-kjv: {e}")
-  docs = corpus.read_documents([path])
-  assert len(docs) == 1189  # chapters
-  assert docs[0].startswith("In the beginning God created the heaven and the earth.")
-  assert docs[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
-  mtime = os.stat(path).st_mtime_ns
-  assert corpus.fetch_kjv(tmp_path) == path and os.stat(path).st_mtime_ns == mtime
+    try:
+        path = corpus.fetch_kjv(tmp_path)
+    except RuntimeError as e:  # no mirror, no apt lists, no network: not this code's failure
+        pytest.skip(f"could not download bible-kjv: {e}")
+    docs = corpus.read_documents([path])
+    assert len(docs) == 1189  # chapters
+    assert docs[0].startswith("In the beginning God created the heaven and the earth.")
+    assert docs[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+    mtime = os.stat(path).st_mtime_ns
+    assert corpus.fetch_kjv(tmp_path) == path and os.stat(path).st_mtime_ns == mtime

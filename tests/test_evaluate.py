@@ -29,8 +29,17 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    c = ModelConfig(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                    mlp_dim=64, max_seq_len=64, init_std=0.3)
+    c = ModelConfig(
+        vocab_size=VOCAB,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+        max_seq_len=64,
+        init_std=0.3,
+    )
     return Llama(c, rngs=nnx.Rngs(0))
 
 
@@ -64,8 +73,9 @@ def test_assign_buckets_hand_example():
     np.testing.assert_array_equal(E.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
 
 
-@pytest.mark.parametrize("kwargs", [dict(cut_points=(0.95, 0.8)), dict(cut_points=(0.0, 0.5)),
-                                    dict(mode="zipf")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(cut_points=(0.95, 0.8)), dict(cut_points=(0.0, 0.5)), dict(mode="zipf")]
+)
 def test_assign_buckets_bad_input(kwargs):
     with pytest.raises(ValueError):
         E.assign_buckets(np.array([3, 2, 1]), **kwargs)
@@ -125,8 +135,12 @@ def test_empty_bucket_is_reported_not_nan(model, stats_fn):
     tokens = np.arange(17)[None] % 5
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((1, 16))}
     res = E.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
-    assert res["easy"]["tokens"] == 16 and res["difficult"] == {"tokens": 0, "ce": None, "perplexity": None,
-                                                                "entropy": None}
+    assert res["easy"]["tokens"] == 16 and res["difficult"] == {
+        "tokens": 0,
+        "ce": None,
+        "perplexity": None,
+        "entropy": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,17 +151,20 @@ def test_empty_bucket_is_reported_not_nan(model, stats_fn):
 def _hand_loglik(model, tokenizer, context, choice):
     ctx = tokenizer.encode(context)
     whole = tokenizer.encode(context + choice)
-    assert whole[:len(ctx)] == ctx  # a clean boundary, so the continuation is whole[len(ctx):]
+    assert whole[: len(ctx)] == ctx  # a clean boundary, so the continuation is whole[len(ctx):]
     ids = np.array([tokenizer.eos_id] + whole)
     logp = _log_softmax64(model, ids[None, :-1])[0]
     picked = logp[np.arange(len(ids) - 1), ids[1:]]
-    return picked[len(ctx):].sum()
+    return picked[len(ctx) :].sum()
 
 
 def test_mc_loglik_matches_hand_computation(trained, model, stats_fn):
     tok = trained[1].tokenizer
-    ex = {"context": "The lord said unto moses", "choices": [" and aaron", " go forth into the land", " amen"],
-          "gold": 1}
+    ex = {
+        "context": "The lord said unto moses",
+        "choices": [" and aaron", " go forth into the land", " amen"],
+        "gold": 1,
+    }
     res = E.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
     expected = [_hand_loglik(model, tok, ex["context"], c) for c in ex["choices"]]
     np.testing.assert_allclose(res["loglik"][0], expected, rtol=1e-5)
@@ -171,8 +188,11 @@ def test_acc_and_acc_norm_differ(trained, model, stats_fn):
 def test_padding_never_changes_a_score(trained, model, stats_fn):
     tok = trained[1].tokenizer
     short = {"context": "The lord", "choices": [" said", " went"], "gold": 0}
-    longer = {"context": "And the people rested on the seventh day and blessed the name of the lord for ever",
-              "choices": [" and ever amen", " unto moses"], "gold": 0}
+    longer = {
+        "context": "And the people rested on the seventh day and blessed the name of the lord for ever",
+        "choices": [" and ever amen", " unto moses"],
+        "gold": 0,
+    }
     alone = E.score_multiple_choice(model, tok, [short], stats_fn=stats_fn, batch_size=1)["loglik"][0]
     mixed = E.score_multiple_choice(model, tok, [longer, short], stats_fn=stats_fn, batch_size=8)["loglik"][1]
     np.testing.assert_allclose(mixed, alone, rtol=1e-5, atol=1e-5)
@@ -186,15 +206,22 @@ def test_long_contexts_are_cut_from_the_left(trained, model, stats_fn):
     context = "and the lord said unto moses " * 30
     ids, n_cont = E.encode_request(tok, context, "go forth", 64)
     assert len(ids) == 65 and ids[-n_cont:] == tok.encode(context + "go forth")[-n_cont:]
-    res = E.score_multiple_choice(model, tok, [{"context": context, "choices": ["go forth", "amen"], "gold": 0}],
-                                  stats_fn=stats_fn)
+    res = E.score_multiple_choice(
+        model, tok, [{"context": context, "choices": ["go forth", "amen"], "gold": 0}], stats_fn=stats_fn
+    )
     assert np.isfinite(res["loglik"]).all()
 
 
 def _examples(n=6):
     words = ["lord", "moses", "aaron", "egypt", "land", "people", "flocks", "herds"]
-    return [{"context": f"Question: who went up with {words[i]}?\nAnswer:", "choices": [" moses", " aaron"],
-             "gold": i % 2} for i in range(n)]
+    return [
+        {
+            "context": f"Question: who went up with {words[i]}?\nAnswer:",
+            "choices": [" moses", " aaron"],
+            "gold": i % 2,
+        }
+        for i in range(n)
+    ]
 
 
 def test_k_shot_is_deterministic_with_the_seed(trained, model, stats_fn):
@@ -215,18 +242,30 @@ def test_k_shot_is_deterministic_with_the_seed(trained, model, stats_fn):
 
 def test_convert_task_layouts():
     c = E.convert_task
-    assert c("hellaswag", {"activity_label": "Cooking", "ctx": "He cuts", "endings": ["a", "b"], "label": "1"}) == {
-        "context": "Cooking: He cuts", "choices": [" a", " b"], "gold": 1}
+    assert c(
+        "hellaswag", {"activity_label": "Cooking", "ctx": "He cuts", "endings": ["a", "b"], "label": "1"}
+    ) == {"context": "Cooking: He cuts", "choices": [" a", " b"], "gold": 1}
     assert c("piqa", {"goal": "g", "sol1": "x", "sol2": "y", "label": 0})["context"] == "Question: g\nAnswer:"
-    w = c("winogrande", {"sentence": "Tom gave _ the ball.", "option1": "Ann", "option2": "Bob", "answer": "2"})
-    assert w == {"context": ["Tom gave Ann", "Tom gave Bob"], "choices": [" the ball.", " the ball."], "gold": 1}
+    w = c(
+        "winogrande", {"sentence": "Tom gave _ the ball.", "option1": "Ann", "option2": "Bob", "answer": "2"}
+    )
+    assert w == {
+        "context": ["Tom gave Ann", "Tom gave Bob"],
+        "choices": [" the ball.", " the ball."],
+        "gold": 1,
+    }
     arc = {"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}
     assert c("arc_easy", arc)["gold"] == 2
     obqa = {"question_stem": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
     assert c("openbookqa", obqa) == {"context": "q", "choices": [" a", " b"], "gold": 1}
     assert c("boolq", {"passage": "p", "question": "q", "answer": True})["gold"] == 1
-    assert c("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "x",
-                      "label": "3"})["gold"] == 2
+    assert (
+        c(
+            "siqa",
+            {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "x", "label": "3"},
+        )["gold"]
+        == 2
+    )
     story = {f"input_sentence_{i}": f"s{i}." for i in range(1, 5)}
     story.update(sentence_quiz1="e1", sentence_quiz2="e2", answer_right_ending=1)
     assert c("storycloze", story) == {"context": "s1. s2. s3. s4.", "choices": [" e1", " e2"], "gold": 0}
@@ -237,15 +276,28 @@ def test_convert_task_layouts():
 
 
 def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
-    ex = E.convert_task("winogrande", {"sentence": "The lord spoke to _ in the land.", "option1": "moses",
-                                       "option2": "aaron", "answer": "1"})
+    ex = E.convert_task(
+        "winogrande",
+        {
+            "sentence": "The lord spoke to _ in the land.",
+            "option1": "moses",
+            "option2": "aaron",
+            "answer": "1",
+        },
+    )
     res = E.score_multiple_choice(model, trained[1].tokenizer, [ex], stats_fn=stats_fn)
     assert res["acc"] == res["acc_norm"] and len(res["loglik"][0]) == 2
 
 
-@pytest.mark.parametrize("line", ['{"context": "a", "choices": [" b", " c"]}', "not json",
-                                  '{"context": "a", "choices": [" b", " c"], "gold": 2}',
-                                  '{"context": "a", "choices": [" b"], "gold": 0}'])
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"context": "a", "choices": [" b", " c"]}',
+        "not json",
+        '{"context": "a", "choices": [" b", " c"], "gold": 2}',
+        '{"context": "a", "choices": [" b"], "gold": 0}',
+    ],
+)
 def test_load_task_rejects_bad_lines(tmp_path, line):
     path = tmp_path / "task.jsonl"
     path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n' + line + "\n")
@@ -285,7 +337,9 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.jsonl:1" in err and err.count("\n") == 1
     assert E.main(["--workdir", str(tmp_path / "missing")]) == 2
-    assert E.main(["--workdir", str(workdir), "--cut-points", "0.9,0.5", "--out", str(tmp_path / "y.json")]) == 2
+    assert (
+        E.main(["--workdir", str(workdir), "--cut-points", "0.9,0.5", "--out", str(tmp_path / "y.json")]) == 2
+    )
     assert not os.path.exists(tmp_path / "x.json")
 
 
@@ -296,7 +350,16 @@ def test_cli_qa_imports_mile_qa_lazily(trained, tmp_path, monkeypatch, capsys):
     _, _, workdir = trained
     qa = tmp_path / "toy_qa.jsonl"
     qa.write_text(json.dumps({"question": "Who went up?", "answers": ["moses"]}) + "\n")
-    argv = ["--workdir", str(workdir), "--qa", str(qa), "--eval-batches", "1", "--out", str(tmp_path / "qa.json")]
+    argv = [
+        "--workdir",
+        str(workdir),
+        "--qa",
+        str(qa),
+        "--eval-batches",
+        "1",
+        "--out",
+        str(tmp_path / "qa.json"),
+    ]
     monkeypatch.setitem(sys.modules, "mile.qa", None)  # as before mile/qa.py exists
     assert E.main(argv) == 2 and "mile.qa" in capsys.readouterr().err
 

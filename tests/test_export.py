@@ -1,4 +1,5 @@
 """mile.export: HF LlamaForCausalLM built from the export gives mile's logits; tokenizer ids; CLI."""
+
 import json
 import os
 import subprocess
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="export tests need torch (requirements-dev.txt)")
-transformers = pytest.importorskip("transformers", reason="export tests need transformers (requirements-dev.txt)")
+transformers = pytest.importorskip(
+    "transformers", reason="export tests need transformers (requirements-dev.txt)"
+)
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -26,20 +29,41 @@ MODEL_VOCAB = 352  # larger than the tokenizer, as model.vocab_size may be padde
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     rng = np.random.default_rng(0)
-    words = ("in the beginning god created heaven and earth light darkness waters "
-             "firmament evening morning day night seed fruit tree 1 2 3 Ünïcödé, naïve!").split()
+    words = (
+        "in the beginning god created heaven and earth light darkness waters "
+        "firmament evening morning day night seed fruit tree 1 2 3 Ünïcödé, naïve!"
+    ).split()
     docs = [" ".join(rng.choice(words, size=40)).capitalize() + "." for _ in range(200)]
     # The same trainer (options, special ids) as training runs use.
-    return mtok.train_or_load(docs, corpus_fingerprint="export-test", vocab_size=TOKENIZER_VOCAB,
-                              cache_dir=tmp_path_factory.mktemp("tok"))
+    return mtok.train_or_load(
+        docs,
+        corpus_fingerprint="export-test",
+        vocab_size=TOKENIZER_VOCAB,
+        cache_dir=tmp_path_factory.mktemp("tok"),
+    )
 
 
 def _model_cfg(scan_layers):
     # init_std 0.3 so logits spread widely (std ~1-2) and the comparison means something.
-    return ConfigDict(dict(
-        vocab_size=MODEL_VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
-        mlp_dim=64, max_seq_len=32, rope_base=10000.0, norm_eps=1e-5, init_std=0.3,
-        dtype="float32", param_dtype="float32", remat="none", scan_layers=scan_layers))
+    return ConfigDict(
+        dict(
+            vocab_size=MODEL_VOCAB,
+            num_layers=2,
+            embed_dim=32,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            mlp_dim=64,
+            max_seq_len=32,
+            rope_base=10000.0,
+            norm_eps=1e-5,
+            init_std=0.3,
+            dtype="float32",
+            param_dtype="float32",
+            remat="none",
+            scan_layers=scan_layers,
+        )
+    )
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -71,8 +95,11 @@ def test_hf_tokenizer_matches(tmp_path, tokenizer):
     assert (out / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 3)
-    for text in ["In the beginning God created the heaven and the earth.",
-                 "Day 123,  night\n\ntree   fruit", "Naïve Ünïcödé ☃ 漢字 (byte fallback)"]:
+    for text in [
+        "In the beginning God created the heaven and the earth.",
+        "Day 123,  night\n\ntree   fruit",
+        "Naïve Ünïcödé ☃ 漢字 (byte fallback)",
+    ]:
         ids = hf_tok(text)["input_ids"]
         assert ids == tokenizer.encode(text), text  # no BOS: training never prepended it
         assert hf_tok.decode(ids) == text
@@ -93,7 +120,11 @@ def test_refuses_non_empty_out(tmp_path, tokenizer):
     # The CLI checks before restoring anything, so a missing workdir does not matter here.
     proc = subprocess.run(
         [sys.executable, "-m", "mile.export", "--workdir", str(tmp_path / "none"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not an empty directory" in proc.stderr
     assert os.listdir(out) == ["keep.txt"]

@@ -96,8 +96,11 @@ def test_fused_sharded_batch_equals_single_device():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     for loss in ("ce", "focal", "mile"):
-        step = jax.jit(jax.value_and_grad(
-            lambda h, w, y, m: fused_loss(h, w, y, m, loss=loss, chunk_size=8)[0], argnums=(0, 1)))
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda h, w, y, m: fused_loss(h, w, y, m, loss=loss, chunk_size=8)[0], argnums=(0, 1)
+            )
+        )
         v1, (gh1, gw1) = step(hidden, unembed, labels, mask)
         sharded = [jax.device_put(x, batch) for x in (hidden, labels, mask)]
         v8, (gh8, gw8) = step(sharded[0], unembed, sharded[1], sharded[2])
@@ -108,8 +111,11 @@ def test_fused_sharded_batch_equals_single_device():
 
 def test_fused_never_holds_the_full_logits():
     n, d, v = 4096, 64, 8000
-    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32))
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
 
     def temp_bytes(fn):
         step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
@@ -158,5 +164,7 @@ def test_fused_token_statistics_match_float64():
     stats = fused_token_statistics(hidden, unembed, labels, chunk_size=6)
     z = hidden.astype(np.float64) @ unembed.astype(np.float64)
     log_p = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
-    np.testing.assert_allclose(stats["nll"], -np.take_along_axis(log_p, labels[..., None], -1)[..., 0], rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["nll"], -np.take_along_axis(log_p, labels[..., None], -1)[..., 0], rtol=1e-5
+    )
     np.testing.assert_allclose(stats["entropy"], -(np.exp(log_p) * log_p).sum(-1), rtol=1e-5)

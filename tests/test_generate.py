@@ -1,4 +1,5 @@
 """Tests for the kv-cache decode path (mile.model) and greedy generation (mile.generate)."""
+
 import functools
 
 import jax
@@ -17,9 +18,21 @@ VOCAB = 50
 @functools.lru_cache(maxsize=None)
 def tiny_model(scan_layers=False, seed=0):
     # init_std 0.3 so logits are far apart and argmax is not decided by rounding.
-    fields = dict(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=48, max_seq_len=64, init_std=0.3, dtype="float32",
-                  param_dtype="float32", remat="none", scan_layers=scan_layers)
+    fields = dict(
+        vocab_size=VOCAB,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=48,
+        max_seq_len=64,
+        init_std=0.3,
+        dtype="float32",
+        param_dtype="float32",
+        remat="none",
+        scan_layers=scan_layers,
+    )
     return Llama(ml_collections.ConfigDict(fields), rngs=nnx.Rngs(seed))
 
 

@@ -1,4 +1,5 @@
 """Tests for mile.qa: normalisation, exact match, k-shot prompts, converters, evaluate_qa."""
+
 import json
 
 import ml_collections
@@ -12,6 +13,7 @@ from mile.model import Llama
 
 class CharTokenizer:
     """ASCII characters are their own ids; 0-3 are unk/bos/eos/pad. Records what it encodes."""
+
     unk_id, bos_id, eos_id, pad_id = 0, 1, 2, 3
 
     def __init__(self):
@@ -35,18 +37,21 @@ EXAMPLES = [
 POOL = [{"question": f"pool question {i}?", "answers": [f"answer {i}"]} for i in range(10)]
 
 
-@pytest.mark.parametrize("prediction, aliases, expected", [
-    ("The Eiffel Tower!", ["eiffel tower"], 1.0),
-    ("an apple", ["Apple"], 1.0),
-    ("a theory", ["theory"], 1.0),
-    ("theater", ["ater"], 0.0),  # articles only as whole words
-    ("U.S.A.", ["usa"], 1.0),
-    ("  New   York\tCity ", ["new york city"], 1.0),
-    ("Rome", ["Paris", "Roma", "rome."], 1.0),
-    ("Rome", ["Paris", "Roma"], 0.0),
-    ("“Jaws”", ["jaws"], 1.0),  # unicode quotes are punctuation too
-    ("", ["x"], 0.0),
-])
+@pytest.mark.parametrize(
+    "prediction, aliases, expected",
+    [
+        ("The Eiffel Tower!", ["eiffel tower"], 1.0),
+        ("an apple", ["Apple"], 1.0),
+        ("a theory", ["theory"], 1.0),
+        ("theater", ["ater"], 0.0),  # articles only as whole words
+        ("U.S.A.", ["usa"], 1.0),
+        ("  New   York\tCity ", ["new york city"], 1.0),
+        ("Rome", ["Paris", "Roma", "rome."], 1.0),
+        ("Rome", ["Paris", "Roma"], 0.0),
+        ("“Jaws”", ["jaws"], 1.0),  # unicode quotes are punctuation too
+        ("", ["x"], 0.0),
+    ],
+)
 def test_exact_match(prediction, aliases, expected):
     assert qa.exact_match(prediction, aliases) == expected
 
@@ -66,7 +71,8 @@ def test_cut_at_stop():
 def test_prompt_format():
     assert qa.build_prompt("Why?") == "Q: Why?\nA:"
     assert qa.build_prompt("Why?", POOL[:2]) == (
-        "Q: pool question 0?\nA: answer 0\n\n" "Q: pool question 1?\nA: answer 1\n\n" "Q: Why?\nA:")
+        "Q: pool question 0?\nA: answer 0\n\nQ: pool question 1?\nA: answer 1\n\nQ: Why?\nA:"
+    )
 
 
 def test_k_shot_prompts_deterministic():
@@ -86,14 +92,20 @@ def test_k_shot_prompts_deterministic():
 
 
 def test_converters(tmp_path):
-    trivia = {"question": "Q1", "answer": {"value": "Paris", "aliases": ["Paris", "Paree"],
-                                           "normalized_aliases": ["paris", "paree"]}}
+    trivia = {
+        "question": "Q1",
+        "answer": {"value": "Paris", "aliases": ["Paris", "Paree"], "normalized_aliases": ["paris", "paree"]},
+    }
     assert qa.convert_record(trivia, "triviaqa") == {
-        "question": "Q1", "answers": ["Paris", "Paree", "paris", "paree"]}
+        "question": "Q1",
+        "answers": ["Paris", "Paree", "paris", "paree"],
+    }
     flat = {"question": "Q1", "answer.value": "Paris", "answer.aliases": ["P"]}
     assert qa.convert_record(flat, "triviaqa")["answers"] == ["Paris", "P"]
-    assert qa.convert_record({"question": "Q2", "answers": ["a", "b"], "url": "u"},
-                             "webquestions") == {"question": "Q2", "answers": ["a", "b"]}
+    assert qa.convert_record({"question": "Q2", "answers": ["a", "b"], "url": "u"}, "webquestions") == {
+        "question": "Q2",
+        "answers": ["a", "b"],
+    }
     assert qa.convert_record({"question": "Q3", "answer": ["x"]}, "nq_open")["answers"] == ["x"]
     with pytest.raises(ValueError, match="unknown QA source"):
         qa.convert_record(trivia, "squad")
@@ -108,11 +120,13 @@ def test_converters(tmp_path):
 def test_evaluate_qa_plumbing(monkeypatch):
     """A scripted generator: checks prompts, padding of the last batch, cutting and scoring."""
     tok = CharTokenizer()
-    scripted = {"Where is the Eiffel Tower?": " the PARIS, France",
-                "Largest planet?": " Saturn.",
-                "Author of Hamlet?": " Shakespeare\nQ:",
-                "H2O is?": " Water",
-                "Capital of Italy?": " rome"}
+    scripted = {
+        "Where is the Eiffel Tower?": " the PARIS, France",
+        "Largest planet?": " Saturn.",
+        "Author of Hamlet?": " Shakespeare\nQ:",
+        "H2O is?": " Water",
+        "Capital of Italy?": " rome",
+    }
     calls = []
 
     def fake_generate(model, prompts, *, max_new_tokens, stop_ids, pad_id):
@@ -120,7 +134,7 @@ def test_evaluate_qa_plumbing(monkeypatch):
         assert pad_id == tok.pad_id and max_new_tokens == 16
         outs = []
         for ids in prompts:
-            question = tok.decode(ids)[len("Q: "):-len("\nA:")]
+            question = tok.decode(ids)[len("Q: ") : -len("\nA:")]
             out = [ord(c) for c in scripted[question]] + [tok.eos_id]
             assert not stop_ids(out[:1]) and stop_ids([tok.eos_id])
             outs.append(out)
@@ -132,33 +146,58 @@ def test_evaluate_qa_plumbing(monkeypatch):
     assert calls == [2, 2, 2]  # 5 examples, last batch filled to 2
     assert tok.encoded == [f"Q: {e['question']}\nA:" for e in EXAMPLES]
     assert [p["prediction"] for p in result["predictions"]] == [
-        "the PARIS", "Saturn", "Shakespeare", "Water", "rome"]
+        "the PARIS",
+        "Saturn",
+        "Shakespeare",
+        "Water",
+        "rome",
+    ]
     assert [p["em"] for p in result["predictions"]] == [1.0, 0.0, 1.0, 1.0, 1.0]
     assert result["em"] == pytest.approx(0.8) and result["n"] == 5
 
 
 def test_evaluate_qa_end_to_end():
     """A tiny random model: predictions equal a direct greedy_generate, scoring is consistent."""
-    cfg = ml_collections.ConfigDict(dict(
-        vocab_size=128, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16,
-        mlp_dim=64, max_seq_len=128, init_std=0.3, dtype="float32", param_dtype="float32",
-        remat="none", scan_layers=False))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            vocab_size=128,
+            num_layers=1,
+            embed_dim=32,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            mlp_dim=64,
+            max_seq_len=128,
+            init_std=0.3,
+            dtype="float32",
+            param_dtype="float32",
+            remat="none",
+            scan_layers=False,
+        )
+    )
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tok = CharTokenizer()
-    result = qa.evaluate_qa(model, tok, EXAMPLES, k_shot=1, seed=3, shots_pool=POOL,
-                            max_new_tokens=6, batch_size=4)
+    result = qa.evaluate_qa(
+        model, tok, EXAMPLES, k_shot=1, seed=3, shots_pool=POOL, max_new_tokens=6, batch_size=4
+    )
     prompts = qa.build_prompts(EXAMPLES, k_shot=1, seed=3, shots_pool=POOL)
     assert tok.encoded == prompts
-    direct = greedy_generate(model, [tok.encode(p) for p in prompts], max_new_tokens=6,
-                             pad_id=tok.pad_id, stop_ids={tok.eos_id})
+    direct = greedy_generate(
+        model, [tok.encode(p) for p in prompts], max_new_tokens=6, pad_id=tok.pad_id, stop_ids={tok.eos_id}
+    )
     for pred, ids in zip(result["predictions"], direct):
         assert pred["prediction"] == qa.cut_at_stop(tok.decode(ids))
     # Make every other example's alias the model's own answer (shouted): EM follows.
-    rescored = [dict(ex, answers=[p["prediction"].upper() + "!"] if i % 2 else ["no match at all"])
-                for i, (ex, p) in enumerate(zip(EXAMPLES, result["predictions"]))]
-    again = qa.evaluate_qa(model, tok, rescored, k_shot=1, seed=3, shots_pool=POOL,
-                           max_new_tokens=6, batch_size=4)
-    expected = [float(i % 2 == 1 or qa.normalize_answer(p["prediction"]) == "no match at all")
-                for i, p in enumerate(result["predictions"])]
+    rescored = [
+        dict(ex, answers=[p["prediction"].upper() + "!"] if i % 2 else ["no match at all"])
+        for i, (ex, p) in enumerate(zip(EXAMPLES, result["predictions"]))
+    ]
+    again = qa.evaluate_qa(
+        model, tok, rescored, k_shot=1, seed=3, shots_pool=POOL, max_new_tokens=6, batch_size=4
+    )
+    expected = [
+        float(i % 2 == 1 or qa.normalize_answer(p["prediction"]) == "no match at all")
+        for i, p in enumerate(result["predictions"])
+    ]
     assert [p["em"] for p in again["predictions"]] == expected
     assert again["em"] == pytest.approx(sum(expected) / 5)

@@ -23,10 +23,15 @@ def _step_setup(cfg, mesh):
     graphdef, state, _ = T.build_state(cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
-        T.make_train_step(graphdef, loss_from_config(cfg.loss), chunk_size=None,
-                          num_microbatches=cfg.optim.num_microbatches,
-                          schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps)),
-        in_shardings=(shardings, msharding.batch_sharding(mesh)), out_shardings=(shardings, None),
+        T.make_train_step(
+            graphdef,
+            loss_from_config(cfg.loss),
+            chunk_size=None,
+            num_microbatches=cfg.optim.num_microbatches,
+            schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps),
+        ),
+        in_shardings=(shardings, msharding.batch_sharding(mesh)),
+        out_shardings=(shardings, None),
     )
     return graphdef, state, step
 
@@ -45,15 +50,19 @@ def _params(graphdef, state):
 
 
 def _one_device_mesh():
-    return msharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), devices=jax.devices()[:1])
+    return msharding.make_mesh(
+        ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), devices=jax.devices()[:1]
+    )
 
 
 def test_train_step_on_2x2x2_mesh_equals_one_device(tmp_path):
     cfg = tiny_config(tmp_path)
     batch = _batch(cfg)
     results = {}
-    for name, mesh in (("one", _one_device_mesh()),
-                       ("mesh", msharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})))):
+    for name, mesh in (
+        ("one", _one_device_mesh()),
+        ("mesh", msharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))),
+    ):
         graphdef, state, step = _step_setup(cfg, mesh)
         with jax.set_mesh(mesh):
             state, metrics = step(state, T.global_batch(batch, msharding.batch_sharding(mesh)))
@@ -139,9 +148,16 @@ def _metrics(workdir):
 
 
 def test_tiny_model_overfits_short_text(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.steps": 60, "train.eval_every": 1000,
-                                   "train.checkpoint_every": 1000, "optim.learning_rate": 1e-2,
-                                   "optim.warmup_steps": 5})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "train.steps": 60,
+            "train.eval_every": 1000,
+            "train.checkpoint_every": 1000,
+            "optim.learning_rate": 1e-2,
+            "optim.warmup_steps": 5,
+        },
+    )
     cfg.data.update(global_batch_size=8)
     _train(cfg, tmp_path / "wd")
     losses = [r["train/ce"] for r in _metrics(tmp_path / "wd") if "train/ce" in r]
@@ -187,8 +203,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
     _train(cfg, tmp_path / "wd")
     assert Checkpointer(str(tmp_path / "wd" / "checkpoints"), max_to_keep=3).latest_step() == 4
-    blowup = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2,
-                                     "train.max_nonfinite_steps": 2, "optim.learning_rate": float("inf")})
+    blowup = tiny_config(
+        tmp_path,
+        **{
+            "train.steps": 10,
+            "train.checkpoint_every": 2,
+            "train.max_nonfinite_steps": 2,
+            "optim.learning_rate": float("inf"),
+        },
+    )
     blowup.train.eval_every = 100
     with pytest.raises(T.TrainingError, match="2 consecutive non-finite steps"):
         _train(blowup, tmp_path / "wd")
@@ -201,8 +224,18 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def _launch(tmp_path, *flags):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "configs/tiny.py"),
-         *flags], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "launch.py"),
+            "--config",
+            os.path.join(REPO, "configs/tiny.py"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=300,
     )
 
 
@@ -210,9 +243,14 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     from train_helpers import write_corpus
 
     corpus = write_corpus(tmp_path)
-    common = [f"--config.data.text_files={corpus}", "--config.data.source=text",
-              "--config.data.vocab_size=320", "--config.model.vocab_size=320",
-              "--config.data.validation_every=10", f"--config.data.cache_dir={tmp_path}/cache"]
+    common = [
+        f"--config.data.text_files={corpus}",
+        "--config.data.source=text",
+        "--config.data.vocab_size=320",
+        "--config.model.vocab_size=320",
+        "--config.data.validation_every=10",
+        f"--config.data.cache_dir={tmp_path}/cache",
+    ]
     wd = tmp_path / "wd"
     run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=4", *common)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -223,9 +261,11 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted
 
     before = sorted(os.listdir(wd / "checkpoints")), (wd / "metrics.jsonl").read_text()
-    for flag, message in (("--config.loss.name=mse", "unknown loss 'mse'"),
-                          ("--config.loss.nmae=ce", 'unknown config key in --config.loss.nmae (did you mean "name"?)'),
-                          ("--config.loss.gamma=-0.5", "gamma must be a finite number >= 0")):
+    for flag, message in (
+        ("--config.loss.name=mse", "unknown loss 'mse'"),
+        ("--config.loss.nmae=ce", 'unknown config key in --config.loss.nmae (did you mean "name"?)'),
+        ("--config.loss.gamma=-0.5", "gamma must be a finite number >= 0"),
+    ):
         bad = _launch(tmp_path, f"--workdir={wd}", flag, *common)
         assert bad.returncode == 2, bad.stderr
         assert bad.stderr.strip().startswith("error: ") and message in bad.stderr, bad.stderr

@@ -34,8 +34,13 @@ def write_corpus(directory, num_docs=60, seed=0) -> str:
 def tiny_config(tmp_path, **overrides):
     cfg = tiny.get_config()
     corpus = write_corpus(tmp_path)
-    cfg.data.update(source="text", text_files=[corpus], cache_dir=os.path.join(str(tmp_path), "cache"),
-                    vocab_size=320, validation_every=10)
+    cfg.data.update(
+        source="text",
+        text_files=[corpus],
+        cache_dir=os.path.join(str(tmp_path), "cache"),
+        vocab_size=320,
+        validation_every=10,
+    )
     cfg.model.vocab_size = 320
     for key, value in overrides.items():
         section, _, field = key.partition(".")

@@ -7,6 +7,7 @@ A corpus is a list of documents (strings). On-disk formats this module reads:
 ``fetch_kjv`` writes JSONL with one document per chapter (1,189 documents); each
 document is that chapter's verses, one verse per line, without verse references.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,128 +26,136 @@ _VERSE_LINE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):\d+ (.*)$")
 
 
 def fetch_kjv(cache_dir: str | os.PathLike) -> pathlib.Path:
-  """Returns ``<cache_dir>/corpora/kjv.jsonl``, building it from Debian packages if missing.
+    """Returns ``<cache_dir>/corpora/kjv.jsonl``, building it from Debian packages if missing.
 
-  Needs ``apt-get`` and ``dpkg-deb`` (Debian/Ubuntu) and access to a Debian mirror the
-  first time; later calls return the cached file without touching the network.
-  """
-  out = pathlib.Path(cache_dir) / "corpora" / "kjv.jsonl"
-  if out.exists() and out.stat().st_size > 0:
+    Needs ``apt-get`` and ``dpkg-deb`` (Debian/Ubuntu) and access to a Debian mirror the
+    first time; later calls return the cached file without touching the network.
+    """
+    out = pathlib.Path(cache_dir) / "corpora" / "kjv.jsonl"
+    if out.exists() and out.stat().st_size > 0:
+        return out
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(
+                f"fetch_kjv needs `{tool}` (Debian/Ubuntu); use data.source='text' with your own files instead."
+            )
+    with tempfile.TemporaryDirectory(prefix="kjv-") as tmp:
+        tmp = pathlib.Path(tmp)
+        _apt_download(tmp)
+        root = tmp / "root"
+        for deb in sorted(tmp.glob("*.deb")):
+            _run(["dpkg-deb", "-x", str(deb), str(root)])
+        verses = _run([str(root / "usr/bin/bible"), "-f", "-p", str(root / "usr/lib"), KJV_RANGE])
+        chapters = _chapters_from_bible_output(verses)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl_atomically(out, chapters)
     return out
-  for tool in ("apt-get", "dpkg-deb"):
-    if shutil.which(tool) is None:
-      raise RuntimeError(
-          f"fetch_kjv needs `{tool}` (Debian/Ubuntu); use data.source='text' with your own files instead."
-      )
-  with tempfile.TemporaryDirectory(prefix="kjv-") as tmp:
-    tmp = pathlib.Path(tmp)
-    _apt_download(tmp)
-    root = tmp / "root"
-    for deb in sorted(tmp.glob("*.deb")):
-      _run(["dpkg-deb", "-x", str(deb), str(root)])
-    verses = _run([str(root / "usr/bin/bible"), "-f", "-p", str(root / "usr/lib"), KJV_RANGE])
-    chapters = _chapters_from_bible_output(verses)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomically(out, chapters)
-  return out
 
 
 def _apt_download(dest: pathlib.Path) -> None:
-  """`apt-get download` the KJV packages into dest, refreshing apt lists once if root."""
-  cmd = ["apt-get", "download", *KJV_PACKAGES]
-  try:
+    """`apt-get download` the KJV packages into dest, refreshing apt lists once if root."""
+    cmd = ["apt-get", "download", *KJV_PACKAGES]
+    try:
+        _run(cmd, cwd=dest)
+        return
+    except RuntimeError as first_error:
+        # The usual cause is a container with no apt lists ("Unable to locate package").
+        if os.geteuid() != 0:
+            raise RuntimeError(
+                f"`apt-get download {' '.join(KJV_PACKAGES)}` failed ({first_error}); run `sudo apt-get update` and retry."
+            ) from None
+    _run(["apt-get", "update"])
     _run(cmd, cwd=dest)
-    return
-  except RuntimeError as first_error:
-    # The usual cause is a container with no apt lists ("Unable to locate package").
-    if os.geteuid() != 0:
-      raise RuntimeError(
-          f"`apt-get download {' '.join(KJV_PACKAGES)}` failed ({first_error}); run `sudo apt-get update` and retry."
-      ) from None
-  _run(["apt-get", "update"])
-  _run(cmd, cwd=dest)
 
 
 def _run(cmd: Sequence[str], cwd: pathlib.Path | None = None) -> str:
-  proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {last}")
-  return proc.stdout
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {last}")
+    return proc.stdout
 
 
 def _chapters_from_bible_output(text: str) -> list[str]:
-  """Groups `bible -f` verse lines into one document per (book, chapter)."""
-  chapters: list[list[str]] = []
-  current = None
-  for line in text.splitlines():
-    match = _VERSE_LINE.match(line)
-    if match is None:
-      continue  # blank lines or banners; every verse line matches.
-    book, chapter, verse = match.groups()
-    if (book, chapter) != current:
-      current = (book, chapter)
-      chapters.append([])
-    chapters[-1].append(verse.strip())
-  if not chapters:
-    raise RuntimeError("the extracted `bible` program printed no verses; the package format may have changed.")
-  return ["\n".join(c) for c in chapters]
+    """Groups `bible -f` verse lines into one document per (book, chapter)."""
+    chapters: list[list[str]] = []
+    current = None
+    for line in text.splitlines():
+        match = _VERSE_LINE.match(line)
+        if match is None:
+            continue  # blank lines or banners; every verse line matches.
+        book, chapter, verse = match.groups()
+        if (book, chapter) != current:
+            current = (book, chapter)
+            chapters.append([])
+        chapters[-1].append(verse.strip())
+    if not chapters:
+        raise RuntimeError(
+            "the extracted `bible` program printed no verses; the package format may have changed."
+        )
+    return ["\n".join(c) for c in chapters]
 
 
 def _write_jsonl_atomically(path: pathlib.Path, docs: Sequence[str], key: str = "text") -> None:
-  # Write then rename, so an interrupted run never leaves a half-written cache file.
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for doc in docs:
-      f.write(json.dumps({key: doc}, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+    # Write then rename, so an interrupted run never leaves a half-written cache file.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({key: doc}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def write_jsonl(path: str | os.PathLike, docs: Sequence[str], key: str = "text") -> pathlib.Path:
-  """Writes documents as JSONL (handy for tests and for converting corpora)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _write_jsonl_atomically(path, docs, key)
-  return path
+    """Writes documents as JSONL (handy for tests and for converting corpora)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl_atomically(path, docs, key)
+    return path
 
 
 def iter_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-  """Yields the non-empty documents of one ``.txt`` or ``.jsonl`` file."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ValueError(f"corpus file {path} does not exist; check data.text_files or run setup to fetch it.")
-  suffix = path.suffix.lower()
-  if suffix == ".jsonl":
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          doc = json.loads(line)[text_key]
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ValueError(
-              f"{path}:{lineno} is not a JSON object with a {text_key!r} field; fix the line or set data.text_key."
-          ) from None
-        if isinstance(doc, str) and doc.strip():
-          yield doc
-  elif suffix == ".txt":
-    text = path.read_text(encoding="utf-8")
-    for doc in re.split(r"\n[ \t]*\n", text):
-      doc = doc.strip("\n")
-      if doc.strip():
-        yield doc
-  else:
-    raise ValueError(f"corpus file {path} has unsupported suffix {suffix!r}; use .txt (blank-line separated) or .jsonl.")
+    """Yields the non-empty documents of one ``.txt`` or ``.jsonl`` file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"corpus file {path} does not exist; check data.text_files or run setup to fetch it."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)[text_key]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(
+                        f"{path}:{lineno} is not a JSON object with a {text_key!r} field; fix the line or set data.text_key."
+                    ) from None
+                if isinstance(doc, str) and doc.strip():
+                    yield doc
+    elif suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        for doc in re.split(r"\n[ \t]*\n", text):
+            doc = doc.strip("\n")
+            if doc.strip():
+                yield doc
+    else:
+        raise ValueError(
+            f"corpus file {path} has unsupported suffix {suffix!r}; use .txt (blank-line separated) or .jsonl."
+        )
 
 
 def read_documents(paths: Sequence[str | os.PathLike], text_key: str = "text") -> list[str]:
-  """Reads all documents of the given files, in order; errors if there are none."""
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  if not paths:
-    raise ValueError("no corpus files given; set data.text_files to a list of .txt/.jsonl paths.")
-  docs = [doc for p in paths for doc in iter_documents(p, text_key)]
-  if not docs:
-    names = ", ".join(str(p) for p in paths)
-    raise ValueError(f"corpus {names} contains no documents; add text (blank-line separated .txt or .jsonl with {text_key!r}).")
-  return docs
+    """Reads all documents of the given files, in order; errors if there are none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no corpus files given; set data.text_files to a list of .txt/.jsonl paths.")
+    docs = [doc for p in paths for doc in iter_documents(p, text_key)]
+    if not docs:
+        names = ", ".join(str(p) for p in paths)
+        raise ValueError(
+            f"corpus {names} contains no documents; add text (blank-line separated .txt or .jsonl with {text_key!r})."
+        )
+    return docs

@@ -8,6 +8,7 @@ tokens; consecutive windows do not overlap), documents joined by EOS, and ``mask
 Process ``p`` of ``n`` reads documents ``p, p + n, p + 2n, ...`` only, so processes see
 disjoint data; each builds its own part of the global batch.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,55 +21,56 @@ from mile.data.tokenizer import Tokenizer
 
 
 class _TokenizeWithSeparator:
-  """Document text -> int32 token ids followed by the separator (EOS)."""
+    """Document text -> int32 token ids followed by the separator (EOS)."""
 
-  def __init__(self, tokenizer: Tokenizer):
-    self._tokenizer = tokenizer
-    self._separator = tokenizer.eos_id
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._separator = tokenizer.eos_id
 
-  def __call__(self, text: str) -> np.ndarray:
-    ids = self._tokenizer.encode(text)
-    ids.append(self._separator)
-    return np.asarray(ids, dtype=np.int32)
+    def __call__(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text)
+        ids.append(self._separator)
+        return np.asarray(ids, dtype=np.int32)
 
 
 def _window_to_example(window: np.ndarray) -> dict[str, np.ndarray]:
-  return {
-      "inputs": window[:-1],
-      "targets": window[1:],
-      "mask": np.ones(window.shape[0] - 1, np.float32),
-  }
+    return {
+        "inputs": window[:-1],
+        "targets": window[1:],
+        "mask": np.ones(window.shape[0] - 1, np.float32),
+    }
 
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
-        f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}; change the batch size."
-    )
-  return global_batch_size // process_count
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}; change the batch size."
+        )
+    return global_batch_size // process_count
 
 
 def _process_shard(source: Sequence[str], process_index: int, process_count: int) -> grain.MapDataset:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  shard = grain.MapDataset.source(source)[process_index::process_count]
-  if len(shard) == 0:
-    raise ValueError(
-        f"process {process_index} of {process_count} gets no documents from a source of {len(source)}; use a bigger split or fewer processes."
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    shard = grain.MapDataset.source(source)[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(
+            f"process {process_index} of {process_count} gets no documents from a source of {len(source)}; use a bigger split or fewer processes."
+        )
+    return shard
+
+
+def _pack_and_batch(
+    docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_size: int, read_threads: int
+) -> grain.IterDataset:
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1.")
+    # Tokenising on the MapDataset lets grain's read threads (if any) do it in parallel.
+    tokens = docs.map(_TokenizeWithSeparator(tokenizer)).to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 8 * batch_size))
     )
-  return shard
-
-
-def _pack_and_batch(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                    read_threads: int) -> grain.IterDataset:
-  if seq_len < 1:
-    raise ValueError(f"seq_len={seq_len} must be >= 1.")
-  # Tokenising on the MapDataset lets grain's read threads (if any) do it in parallel.
-  tokens = docs.map(_TokenizeWithSeparator(tokenizer)).to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 8 * batch_size))
-  )
-  windows = PackedWindowsIterDataset(tokens, window=seq_len + 1)
-  return windows.map(_window_to_example).batch(batch_size, drop_remainder=True)
+    windows = PackedWindowsIterDataset(tokens, window=seq_len + 1)
+    return windows.map(_window_to_example).batch(batch_size, drop_remainder=True)
 
 
 def train_dataset(
@@ -82,14 +84,14 @@ def train_dataset(
     process_count: int = 1,
     read_threads: int = 0,
 ) -> grain.IterDataset:
-  """Infinite training batches: this process's documents, reshuffled every epoch with ``seed``.
+    """Infinite training batches: this process's documents, reshuffled every epoch with ``seed``.
 
-  ``iter(dataset)`` is checkpointable: ``get_state()`` gives a JSON-serialisable dict and
-  ``set_state`` on a fresh iterator of the same pipeline resumes at exactly the same batch.
-  """
-  batch_size = per_process_batch_size(global_batch_size, process_count)
-  docs = _process_shard(source, process_index, process_count).shuffle(seed=seed).repeat()
-  return _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
+    ``iter(dataset)`` is checkpointable: ``get_state()`` gives a JSON-serialisable dict and
+    ``set_state`` on a fresh iterator of the same pipeline resumes at exactly the same batch.
+    """
+    batch_size = per_process_batch_size(global_batch_size, process_count)
+    docs = _process_shard(source, process_index, process_count).shuffle(seed=seed).repeat()
+    return _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
 
 
 def eval_dataset(
@@ -103,17 +105,17 @@ def eval_dataset(
     process_count: int = 1,
     read_threads: int = 0,
 ) -> grain.IterDataset:
-  """Deterministic evaluation batches in document order, no shuffling.
+    """Deterministic evaluation batches in document order, no shuffling.
 
-  With ``num_batches`` set, every process yields exactly that many batches (cycling over its
-  documents if they run out), so multi-process eval loops stay in lock-step. With ``None``
-  it makes one pass and drops the final partial batch (counts may differ across processes).
-  """
-  batch_size = per_process_batch_size(global_batch_size, process_count)
-  docs = _process_shard(source, process_index, process_count)
-  if num_batches is None:
-    return _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
-  if num_batches < 1:
-    raise ValueError(f"num_batches={num_batches} must be >= 1 (or None for one pass).")
-  batches = _pack_and_batch(docs.repeat(), tokenizer, seq_len, batch_size, read_threads)
-  return grain.experimental.LimitIterDataset(batches, count=num_batches)
+    With ``num_batches`` set, every process yields exactly that many batches (cycling over its
+    documents if they run out), so multi-process eval loops stay in lock-step. With ``None``
+    it makes one pass and drops the final partial batch (counts may differ across processes).
+    """
+    batch_size = per_process_batch_size(global_batch_size, process_count)
+    docs = _process_shard(source, process_index, process_count)
+    if num_batches is None:
+        return _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} must be >= 1 (or None for one pass).")
+    batches = _pack_and_batch(docs.repeat(), tokenizer, seq_len, batch_size, read_threads)
+    return grain.experimental.LimitIterDataset(batches, count=num_batches)

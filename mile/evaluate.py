@@ -69,7 +69,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mile import qa
 from mile.fused import fused_token_statistics
+from mile.jsonl import read_records
 
 BUCKET_NAMES = ("easy", "medium", "difficult")
 _MIN_MC_LEN = 16
@@ -303,21 +305,7 @@ def _check_example(ex: Any, where: str) -> dict:
 
 def load_task(path: str | os.PathLike) -> list[dict]:
     """Examples of a multiple-choice JSONL task file (schema in the module docstring)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"task file {path} does not exist; pass an existing JSONL file.")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix the line.") from None
-            examples.append(_check_example(record, f"{path}:{i}"))
-    if not examples:
-        raise ValueError(f"task file {path} has no examples; add JSONL lines.")
-    return examples
+    return [_check_example(record, where) for where, record in read_records(path, "task")]
 
 
 def _contexts(ex: Mapping) -> list[str]:
@@ -515,35 +503,8 @@ def format_mc_table(results: Mapping[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Closed-book QA (mile.qa, imported lazily) and the command line.
+# The command line.
 # ---------------------------------------------------------------------------------------------
-
-
-def load_qa(path: str | os.PathLike) -> list[dict]:
-    if not os.path.isfile(path):
-        raise ValueError(f"QA file {path} does not exist; pass an existing JSONL file.")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix the line.") from None
-            ok = (
-                isinstance(ex, dict)
-                and isinstance(ex.get("question"), str)
-                and isinstance(ex.get("answers"), list)
-            )
-            if not ok:
-                raise ValueError(
-                    f'{path}:{i}: expected {{"question": str, "answers": [str, ...]}}; fix the line.'
-                )
-            examples.append(ex)
-    if not examples:
-        raise ValueError(f"QA file {path} has no examples; add JSONL lines.")
-    return examples
 
 
 def _parse_cut_points(text: str) -> tuple[float, ...]:
@@ -576,7 +537,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         mc_tasks[_task_name(path, mc_tasks)] = load_task(path)
     qa_tasks = {}
     for path in args.qa:
-        qa_tasks[_task_name(path, qa_tasks)] = load_qa(path)
+        qa_tasks[_task_name(path, qa_tasks)] = qa.load_examples(path)
     if args.k_shot < 0:
         raise ValueError(f"--k-shot={args.k_shot} must be >= 0.")
     if args.eval_batches is not None and args.eval_batches < 1:
@@ -618,15 +579,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         )
     if mc_tasks:
         print(format_mc_table(result["mc"]))
-    if qa_tasks:
-        try:
-            from mile.qa import evaluate_qa
-        except ImportError as e:
-            raise ValueError(f"--qa needs mile.qa ({e}); drop --qa until it is available.") from None
-        for name, examples in qa_tasks.items():
-            r = evaluate_qa(model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed)
-            result["qa"][name] = r
-            print(f"qa {name}: em={r['em']:.4f} n={r['n']}")
+    for name, examples in qa_tasks.items():
+        r = qa.evaluate_qa(model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed)
+        result["qa"][name] = r
+        print(f"qa {name}: em={r['em']:.4f} n={r['n']}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -24,6 +24,7 @@ import string
 import unicodedata
 from typing import Iterable, Sequence
 
+from mile.jsonl import read_records
 from mile.generate import greedy_generate
 
 STOP_CHARS = ("\n", ".", ",")
@@ -144,17 +145,14 @@ def evaluate_qa(
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """Read a task JSONL file, checking each line has a question and a non-empty answer list."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            ex = json.loads(line)
-            if not isinstance(ex.get("question"), str) or not ex.get("answers"):
-                raise ValueError(
-                    f"{path}:{line_no} needs 'question' (str) and a non-empty "
-                    f"'answers' list; convert it with mile.qa.convert_record"
-                )
-            examples.append({"question": ex["question"], "answers": list(ex["answers"])})
+    for where, ex in read_records(path, "QA task"):
+        answers = ex.get("answers")
+        if not isinstance(ex.get("question"), str) or not isinstance(answers, list) or not answers:
+            raise ValueError(
+                f"{where} needs 'question' (str) and a non-empty 'answers' list; "
+                "convert it with mile.qa.convert_record"
+            )
+        examples.append({"question": ex["question"], "answers": list(answers)})
     return examples
 
 

@@ -343,33 +343,17 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x.json")
 
 
-def test_cli_qa_imports_mile_qa_lazily(trained, tmp_path, monkeypatch, capsys):
-    import sys
-    import types
-
+def test_cli_closed_book_qa(trained, tmp_path, capsys):
     _, _, workdir = trained
     qa = tmp_path / "toy_qa.jsonl"
     qa.write_text(json.dumps({"question": "Who went up?", "answers": ["moses"]}) + "\n")
-    argv = [
-        "--workdir",
-        str(workdir),
-        "--qa",
-        str(qa),
-        "--eval-batches",
-        "1",
-        "--out",
-        str(tmp_path / "qa.json"),
-    ]
-    monkeypatch.setitem(sys.modules, "mile.qa", None)  # as before mile/qa.py exists
-    assert E.main(argv) == 2 and "mile.qa" in capsys.readouterr().err
+    out = tmp_path / "qa.json"
+    argv = ["--workdir", str(workdir), "--qa", str(qa), "--eval-batches", "1", "--out", str(out)]
+    assert E.main(argv) == 0
+    result = json.loads(out.read_text())["qa"]["toy_qa"]
+    assert result["n"] == 1 and result["em"] in (0.0, 1.0) and len(result["predictions"]) == 1
 
-    calls = []
-
-    def evaluate_qa(model, tokenizer, examples, k_shot=0, seed=0):
-        calls.append((len(examples), k_shot, seed))
-        return {"em": 0.0, "n": len(examples), "predictions": ["x"]}
-
-    monkeypatch.setitem(sys.modules, "mile.qa", types.SimpleNamespace(evaluate_qa=evaluate_qa))
-    assert E.main(argv + ["--k-shot", "0", "--seed", "3"]) == 0
-    assert calls == [(1, 0, 3)]
-    assert json.loads((tmp_path / "qa.json").read_text())["qa"]["toy_qa"]["n"] == 1
+    qa.write_text(json.dumps({"question": "Who went up?"}) + "\n")  # no answers
+    assert E.main(argv + ["--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{qa}:1" in err[0] and "answers" in err[0]

@@ -20,6 +20,7 @@ from ml_collections import ConfigDict  # noqa: E402
 from mile import export  # noqa: E402
 from mile.data import tokenizer as mtok  # noqa: E402
 from mile.model import Llama  # noqa: E402
+from model_helpers import tiny_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_VOCAB = 320
@@ -45,24 +46,8 @@ def tokenizer(tmp_path_factory):
 
 def _model_cfg(scan_layers):
     # init_std 0.3 so logits spread widely (std ~1-2) and the comparison means something.
-    return ConfigDict(
-        dict(
-            vocab_size=MODEL_VOCAB,
-            num_layers=2,
-            embed_dim=32,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=8,
-            mlp_dim=64,
-            max_seq_len=32,
-            rope_base=10000.0,
-            norm_eps=1e-5,
-            init_std=0.3,
-            dtype="float32",
-            param_dtype="float32",
-            remat="none",
-            scan_layers=scan_layers,
-        )
+    return tiny_model_config(
+        vocab_size=MODEL_VOCAB, mlp_dim=64, max_seq_len=32, init_std=0.3, scan_layers=scan_layers
     )
 
 

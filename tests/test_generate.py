@@ -4,13 +4,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from mile.generate import greedy_generate
 from mile.model import Llama
+from model_helpers import tiny_model_config
 
 VOCAB = 50
 
@@ -18,22 +18,8 @@ VOCAB = 50
 @functools.lru_cache(maxsize=None)
 def tiny_model(scan_layers=False, seed=0):
     # init_std 0.3 so logits are far apart and argmax is not decided by rounding.
-    fields = dict(
-        vocab_size=VOCAB,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        mlp_dim=48,
-        max_seq_len=64,
-        init_std=0.3,
-        dtype="float32",
-        param_dtype="float32",
-        remat="none",
-        scan_layers=scan_layers,
-    )
-    return Llama(ml_collections.ConfigDict(fields), rngs=nnx.Rngs(seed))
+    cfg = tiny_model_config(vocab_size=VOCAB, max_seq_len=64, init_std=0.3, scan_layers=scan_layers)
+    return Llama(cfg, rngs=nnx.Rngs(seed))
 
 
 def random_prompts(lengths, seed=0):

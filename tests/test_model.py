@@ -2,35 +2,13 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from mile import model as model_lib
 from mile.model import Llama, param_count
-
-
-def tiny_cfg(**overrides):
-    fields = dict(
-        vocab_size=50,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        mlp_dim=48,
-        max_seq_len=16,
-        rope_base=10000.0,
-        norm_eps=1e-5,
-        init_std=0.01,
-        dtype="float32",
-        param_dtype="float32",
-        remat="none",
-        scan_layers=False,
-    )
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
+from model_helpers import tiny_model_config
 
 
 def random_tokens(batch=2, seq=12, vocab=50, seed=0):
@@ -100,7 +78,7 @@ def randomise_norm_scales(model, seed=1):
 
 # ------------------------------------------------------------------------------------- tests
 def test_forward_matches_float64_numpy():
-    cfg = tiny_cfg(init_std=0.2)  # large weights so attention/MLP really move the residual
+    cfg = tiny_model_config(init_std=0.2)  # large weights so attention/MLP really move the residual
     model = Llama(cfg, rngs=nnx.Rngs(0))
     randomise_norm_scales(model)
     tokens = random_tokens()
@@ -111,7 +89,7 @@ def test_forward_matches_float64_numpy():
 
 
 def test_shapes_and_head():
-    cfg = tiny_cfg()
+    cfg = tiny_model_config()
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tokens = random_tokens(batch=3, seq=7)
     assert model(tokens).shape == (3, 7, cfg.embed_dim)
@@ -121,13 +99,13 @@ def test_shapes_and_head():
 
 
 def test_too_long_sequence_raises():
-    model = Llama(tiny_cfg(max_seq_len=8), rngs=nnx.Rngs(0))
+    model = Llama(tiny_model_config(max_seq_len=8), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(random_tokens(seq=9))
 
 
 def test_causal():
-    cfg = tiny_cfg(init_std=0.2)
+    cfg = tiny_model_config(init_std=0.2)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tokens = random_tokens(batch=1, seq=10)
     t = 6
@@ -145,7 +123,7 @@ def test_rope_matches_numpy():
 
 
 def test_rms_norm_matches_numpy():
-    cfg = model_lib.ModelConfig.from_cfg(tiny_cfg(norm_eps=1e-3))
+    cfg = model_lib.ModelConfig.from_cfg(tiny_model_config(norm_eps=1e-3))
     norm = model_lib.RMSNorm(cfg)
     norm.scale[...] = jnp.linspace(0.5, 1.5, cfg.embed_dim)
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, cfg.embed_dim)), np.float64) * 3
@@ -154,8 +132,8 @@ def test_rms_norm_matches_numpy():
 
 
 def test_gqa_equals_mha_with_repeated_kv():
-    gqa = Llama(tiny_cfg(num_heads=4, num_kv_heads=2, init_std=0.2), rngs=nnx.Rngs(0))
-    mha = Llama(tiny_cfg(num_heads=4, num_kv_heads=4, init_std=0.2), rngs=nnx.Rngs(1))
+    gqa = Llama(tiny_model_config(num_heads=4, num_kv_heads=2, init_std=0.2), rngs=nnx.Rngs(0))
+    mha = Llama(tiny_model_config(num_heads=4, num_kv_heads=4, init_std=0.2), rngs=nnx.Rngs(1))
     group = 2
     state = nnx.to_pure_dict(params_of(gqa))
     for layer in state["layers"].values():
@@ -179,8 +157,8 @@ def copy_scanned_into_unscanned(scanned, unscanned, num_layers):
 
 
 def test_scan_layers_matches_loop():
-    cfg = tiny_cfg(init_std=0.2, num_layers=3)
-    scanned = Llama(tiny_cfg(init_std=0.2, num_layers=3, scan_layers=True), rngs=nnx.Rngs(0))
+    cfg = tiny_model_config(init_std=0.2, num_layers=3)
+    scanned = Llama(tiny_model_config(init_std=0.2, num_layers=3, scan_layers=True), rngs=nnx.Rngs(0))
     looped = Llama(cfg, rngs=nnx.Rngs(1))
     assert params_of(scanned)["layers"]["attn"]["q"].shape == (3, 32, 4, 8)
     copy_scanned_into_unscanned(scanned, looped, 3)
@@ -195,7 +173,7 @@ def test_remat_same_values_and_gradients(scan_layers):
     tokens = random_tokens()
 
     def value_and_grads(remat):
-        model = Llama(tiny_cfg(init_std=0.2, remat=remat, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+        model = Llama(tiny_model_config(init_std=0.2, remat=remat, scan_layers=scan_layers), rngs=nnx.Rngs(0))
         loss = lambda m: jnp.mean(m.logits(tokens) ** 2)
         return nnx.jit(nnx.value_and_grad(loss))(model)
 
@@ -208,8 +186,8 @@ def test_remat_same_values_and_gradients(scan_layers):
 
 def test_bfloat16_compute_close_to_float32():
     tokens = random_tokens()
-    full = Llama(tiny_cfg(init_std=0.2), rngs=nnx.Rngs(0))
-    half = Llama(tiny_cfg(init_std=0.2, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    full = Llama(tiny_model_config(init_std=0.2), rngs=nnx.Rngs(0))
+    half = Llama(tiny_model_config(init_std=0.2, dtype="bfloat16"), rngs=nnx.Rngs(0))
     assert half.embedding.dtype == jnp.float32  # params stay fp32
     assert half.unembedding().dtype == jnp.bfloat16
     out = forward(half, tokens)
@@ -220,14 +198,14 @@ def test_bfloat16_compute_close_to_float32():
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_param_count_formula(scan_layers):
-    cfg = tiny_cfg(scan_layers=scan_layers, num_layers=3)
+    cfg = tiny_model_config(scan_layers=scan_layers, num_layers=3)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     counted = sum(x.size for x in jax.tree.leaves(params_of(model)))
     assert counted == param_count(cfg)
 
 
 def test_param_count_of_paper_468m():
-    cfg = tiny_cfg(
+    cfg = tiny_model_config(
         vocab_size=32000,
         num_layers=24,
         embed_dim=1024,
@@ -245,7 +223,7 @@ def test_param_count_of_paper_468m():
 
 
 def test_init_statistics():
-    cfg = tiny_cfg(vocab_size=512, embed_dim=64, init_std=0.01)
+    cfg = tiny_model_config(vocab_size=512, embed_dim=64, init_std=0.01)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     for weight in (model.embedding, model.head, model.layers[0].mlp.gate, model.layers[1].attn.q):
         values = np.asarray(weight[...])
@@ -254,7 +232,7 @@ def test_init_statistics():
 
 
 def test_logical_axis_names():
-    model = Llama(tiny_cfg(scan_layers=True), rngs=nnx.Rngs(0))
+    model = Llama(tiny_model_config(scan_layers=True), rngs=nnx.Rngs(0))
     specs = nnx.get_partition_spec(params_of(model))
     assert specs["embedding"].get_value() == jax.P("vocab", "embed")
     assert specs["head"].get_value() == jax.P("embed", "vocab")
@@ -267,4 +245,4 @@ def test_logical_axis_names():
 
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        Llama(tiny_cfg(num_heads=4, num_kv_heads=3), rngs=nnx.Rngs(0))
+        Llama(tiny_model_config(num_heads=4, num_kv_heads=3), rngs=nnx.Rngs(0))

@@ -2,13 +2,13 @@
 
 import json
 
-import ml_collections
 import pytest
 from flax import nnx
 
 from mile import qa
 from mile.generate import greedy_generate
 from mile.model import Llama
+from model_helpers import tiny_model_config
 
 
 class CharTokenizer:
@@ -158,22 +158,15 @@ def test_evaluate_qa_plumbing(monkeypatch):
 
 def test_evaluate_qa_end_to_end():
     """A tiny random model: predictions equal a direct greedy_generate, scoring is consistent."""
-    cfg = ml_collections.ConfigDict(
-        dict(
-            vocab_size=128,
-            num_layers=1,
-            embed_dim=32,
-            num_heads=2,
-            num_kv_heads=1,
-            head_dim=16,
-            mlp_dim=64,
-            max_seq_len=128,
-            init_std=0.3,
-            dtype="float32",
-            param_dtype="float32",
-            remat="none",
-            scan_layers=False,
-        )
+    cfg = tiny_model_config(
+        vocab_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+        max_seq_len=128,
+        init_std=0.3,
     )
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tok = CharTokenizer()

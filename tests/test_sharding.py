@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from mile import sharding
 from mile.model import Llama
 from mile.sharding import DEFAULT_RULES, logical_to_spec
+from model_helpers import tiny_model_config
 
 
 def mesh_cfg(data, fsdp, tensor):
@@ -19,25 +20,7 @@ def mesh_cfg(data, fsdp, tensor):
 
 
 def model_cfg(**overrides):
-    fields = dict(
-        vocab_size=64,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        mlp_dim=48,
-        max_seq_len=16,
-        rope_base=10000.0,
-        norm_eps=1e-5,
-        init_std=0.2,
-        dtype="float32",
-        param_dtype="float32",
-        remat="none",
-        scan_layers=True,
-    )
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
+    return tiny_model_config(**{"vocab_size": 64, "init_std": 0.2, "scan_layers": True, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,27 @@
+"""Reading JSONL task files, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
+    """(where, record) for each non-blank line; `where` is "path:line" for error messages."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{kind} file {path} does not exist; pass an existing JSONL file.")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix the line.") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object; fix the line.")
+            records.append((f"{path}:{i}", record))
+    if not records:
+        raise ValueError(f"{kind} file {path} has no examples; add JSONL lines.")
+    return records

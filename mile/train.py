@@ -187,7 +187,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(optimizer.step[...])
 
-        old_state = nnx.state((model, optimizer))
+        # A snapshot of the arrays: nnx.state shares Variables, which update() changes in place.
+        old_state = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
         optimizer.update(model, grads)
         new_state = nnx.state((model, optimizer))
         finite &= jnp.isfinite(optax.tree.norm(nnx.state(model, nnx.Param)))

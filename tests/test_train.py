@@ -199,6 +199,15 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
     assert sorted(os.listdir(tmp_path / "wd" / "checkpoints")) == before
 
 
+def test_nonfinite_update_leaves_the_state_unchanged(tmp_path):
+    cfg = tiny_config(tmp_path, **{"optim.learning_rate": float("inf"), "optim.warmup_steps": 0})
+    graphdef, state, step = _step_setup(cfg, _one_device_mesh())
+    before = jax.tree.map(np.asarray, state)
+    new_state, metrics = step(state, _batch(cfg))
+    assert np.isfinite(metrics["loss"]) and not bool(metrics["finite"])  # finite loss, inf update
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state), before)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
     _train(cfg, tmp_path / "wd")

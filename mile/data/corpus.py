@@ -20,6 +20,11 @@ import tempfile
 from typing import Iterator, Sequence
 
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be obtained here; the message says what to do instead."""
+
 KJV_RANGE = "gen1:1-rev22:21"
 # "Ge1:1 In the beginning ..." / "1Sa3:4 ..." -> (book, chapter, verse text).
 _VERSE_LINE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):\d+ (.*)$")
@@ -36,7 +41,7 @@ def fetch_kjv(cache_dir: str | os.PathLike) -> pathlib.Path:
         return out
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise RuntimeError(
+            raise CorpusError(
                 f"fetch_kjv needs `{tool}` (Debian/Ubuntu); use data.source='text' with your own files instead."
             )
     with tempfile.TemporaryDirectory(prefix="kjv-") as tmp:
@@ -58,10 +63,10 @@ def _apt_download(dest: pathlib.Path) -> None:
     try:
         _run(cmd, cwd=dest)
         return
-    except RuntimeError as first_error:
+    except CorpusError as first_error:
         # The usual cause is a container with no apt lists ("Unable to locate package").
         if os.geteuid() != 0:
-            raise RuntimeError(
+            raise CorpusError(
                 f"`apt-get download {' '.join(KJV_PACKAGES)}` failed ({first_error}); run `sudo apt-get update` and retry."
             ) from None
     _run(["apt-get", "update"])
@@ -72,7 +77,7 @@ def _run(cmd: Sequence[str], cwd: pathlib.Path | None = None) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {last}")
+        raise CorpusError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {last}")
     return proc.stdout
 
 
@@ -90,7 +95,7 @@ def _chapters_from_bible_output(text: str) -> list[str]:
             chapters.append([])
         chapters[-1].append(verse.strip())
     if not chapters:
-        raise RuntimeError(
+        raise CorpusError(
             "the extracted `bible` program printed no verses; the package format may have changed."
         )
     return ["\n".join(c) for c in chapters]

@@ -290,3 +290,17 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         _train(cfg, tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
+
+
+def test_weight_decay_skips_norm_scales_only():
+    from model_helpers import tiny_model_config
+
+    from mile.model import Llama
+
+    params = nnx.state(Llama(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    mask = T._decay_mask(params, ("norm",))
+    decayed = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert {k for k, v in decayed.items() if not v} == {
+        k for k in decayed if "norm" in k
+    } and any("norm" in k for k in decayed)
+    assert all(v for k, v in decayed.items() if "head" in k or "embedding" in k or "mlp']['up" in k)

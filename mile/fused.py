@@ -69,6 +69,17 @@ def _tile_statistics(spec: L.LossSpec, paper: bool, h, w_mat, labels, mask):
     return stats, (s, log_norm, is_label)
 
 
+def _varying_axes(x) -> frozenset:
+    """Mesh axes x varies over inside shard_map (empty outside it)."""
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def _varying_like(x, ref):
+    """x marked varying over ref's axes: a scan carry must keep one type through the loop."""
+    axes = tuple(sorted(_varying_axes(ref) - _varying_axes(x)))
+    return lax.pcast(x, axes, to="varying") if axes else x
+
+
 def _scan_statistics(spec, paper, h3, w_mat, y2, m2):
     def body(carry, xs):
         h, y, m = xs
@@ -95,7 +106,7 @@ def _scan_statistics_and_gradients(spec, paper, h3, w_mat, y2, m2):
         numerator = jnp.sum(coeff[:, 0] * stats["nll"])
         return d_unembed, (numerator, stats, d_hidden.astype(h3.dtype))
 
-    d_unembed0 = jnp.zeros(w_mat.shape, jnp.float32)
+    d_unembed0 = _varying_like(jnp.zeros(w_mat.shape, jnp.float32), h3)
     d_unembed, (numerators, stats, d_hidden) = lax.scan(body, d_unembed0, (h3, y2, m2))
     return (jnp.sum(numerators), stats), (d_hidden, d_unembed)
 
@@ -115,7 +126,12 @@ def _fused_numerator_bwd(spec, paper, residuals, cotangents):
     (d_hidden, d_unembed), w_mat = residuals
     ct_numerator = cotangents[0]  # the statistics are returned stop-gradient: no cotangent
     d_h = (ct_numerator * d_hidden.astype(jnp.float32)).astype(d_hidden.dtype)
-    d_w = (ct_numerator * d_unembed).astype(w_mat.dtype)
+    d_w = ct_numerator * d_unembed
+    # Under shard_map a replicated unembedding gets the sum of every shard's gradient.
+    shard_axes = tuple(sorted(_varying_axes(d_w) - _varying_axes(w_mat)))
+    if shard_axes:
+        d_w = lax.psum(d_w, shard_axes)
+    d_w = d_w.astype(w_mat.dtype)
     return d_h, d_w, None, None
 
 
@@ -148,8 +164,16 @@ def fused_loss_terms(
     mask: jax.Array | None = None,
     *,
     chunk_size: int | None = None,
+    batch_axes: tuple[str, ...] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, jax.Array]:
-    """The additive terms (see `mile.losses.reduce_terms`) of `spec` on hidden @ unembedding."""
+    """The additive terms (see `mile.losses.reduce_terms`) of `spec` on hidden @ unembedding.
+
+    `batch_axes`: mesh axes the leading (batch) dimension is sharded over, e.g. ("data", "fsdp").
+    With them, each device tiles only its own rows, on `mesh` (default: the one set with
+    `jax.set_mesh`); without, the computation is written for one device and GSPMD partitions it
+    as it can (which gathers the rows of a batch-sharded input to every device).
+    """
     hidden = L.check_float("hidden", hidden)
     unembedding = L.check_float("unembedding", unembedding, min_ndim=2)
     if unembedding.ndim != 2:
@@ -161,6 +185,12 @@ def fused_loss_terms(
         )
     labels = L.check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     mask = L.prepare_mask(mask, labels)
+    if not batch_axes:
+        return _local_terms(spec, hidden, unembedding, labels, mask, chunk_size)
+    return _sharded_terms(spec, hidden, unembedding, labels, mask, chunk_size, tuple(batch_axes), mesh)
+
+
+def _local_terms(spec, hidden, unembedding, labels, mask, chunk_size):
     h3, y2, m2 = _tiles(hidden, L._safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size)
     paper = spec.normalization == "paper"
     numerator, stats = _fused_numerator(spec, paper, h3, unembedding, y2, m2)
@@ -173,6 +203,35 @@ def fused_loss_terms(
     return terms
 
 
+def _sharded_terms(spec, hidden, unembedding, labels, mask, chunk_size, batch_axes, mesh):
+    """Each device tiles only its own rows; the terms are summed across the batch axes once.
+
+    Left to GSPMD, a scan over token tiles of a batch-sharded array gathers every row to every
+    device. Here each shard runs the local scan and one psum per term (plus one for the
+    unembedding gradient, inserted by autodiff) is all the communication.
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    missing = [a for a in batch_axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"batch_axes {batch_axes} are not all axes of the current mesh {mesh.axis_names or '(none)'}; "
+            "pass mesh=..., call under `with jax.set_mesh(mesh)`, or pass batch_axes=None"
+        )
+    rows = jax.sharding.PartitionSpec(batch_axes)
+    reducers = {"weight_min": lax.pmin, "weight_max": lax.pmax}
+
+    def per_shard(h, w, y, m):
+        terms = _local_terms(spec, h, w, y, m, chunk_size)
+        return {k: reducers.get(k, lax.psum)(v, batch_axes) for k, v in terms.items()}
+
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(rows, jax.sharding.PartitionSpec(), rows, rows),
+        out_specs=jax.sharding.PartitionSpec(),
+    )(hidden, unembedding, labels, mask)
+
+
 def fused_loss(
     hidden: jax.Array,
     unembedding: jax.Array,
@@ -181,6 +240,8 @@ def fused_loss(
     *,
     loss: str | L.LossSpec = "mile",
     chunk_size: int | None = None,
+    batch_axes: tuple[str, ...] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     **hparams: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The named loss of `hidden @ unembedding` without materialising the logits.
@@ -192,7 +253,9 @@ def fused_loss(
     spec = loss if isinstance(loss, L.LossSpec) else L.get_loss(loss, **hparams)
     if isinstance(loss, L.LossSpec) and hparams:
         raise ValueError("pass hyperparameters either in the LossSpec or as keywords, not both")
-    terms = fused_loss_terms(spec, hidden, unembedding, labels, mask, chunk_size=chunk_size)
+    terms = fused_loss_terms(
+        spec, hidden, unembedding, labels, mask, chunk_size=chunk_size, batch_axes=batch_axes, mesh=mesh
+    )
     return L.finalize_terms(terms)
 
 

@@ -137,9 +137,12 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules):
     return jax.tree.map(leaf_sharding, state, is_leaf=_is_variable)
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a token batch's rows are split over
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Token batches [batch, seq]: batch split over data and fsdp, sequence whole."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 def abstract_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):

@@ -145,7 +145,13 @@ def _split_microbatches(batch, k: int):
 
 
 def make_train_step(
-    graphdef, spec: L.LossSpec, *, chunk_size: int | None, num_microbatches: int, schedule: optax.Schedule
+    graphdef,
+    spec: L.LossSpec,
+    *,
+    mesh,
+    chunk_size: int | None,
+    num_microbatches: int,
+    schedule: optax.Schedule,
 ):
     """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
     whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
@@ -160,7 +166,14 @@ def make_train_step(
             m = nnx.merge(model_def, p, rest)
             hidden = m(mb["inputs"])
             terms = fused_loss_terms(
-                spec, hidden, m.unembedding(), mb["targets"], mb["mask"], chunk_size=chunk_size
+                spec,
+                hidden,
+                m.unembedding(),
+                mb["targets"],
+                mb["mask"],
+                chunk_size=chunk_size,
+                batch_axes=msharding.BATCH_AXES,
+                mesh=mesh,
             )
             return terms["numerator"], terms
 
@@ -211,7 +224,7 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef, *, chunk_size: int | None):
+def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
     """Validation terms under plain cross-entropy (comparable across losses)."""
     ce = L.get_loss("ce")
 
@@ -219,7 +232,14 @@ def make_eval_step(graphdef, *, chunk_size: int | None):
         model, _ = nnx.merge(graphdef, state)
         hidden = model(batch["inputs"])
         return fused_loss_terms(
-            ce, hidden, model.unembedding(), batch["targets"], batch["mask"], chunk_size=chunk_size
+            ce,
+            hidden,
+            model.unembedding(),
+            batch["targets"],
+            batch["mask"],
+            chunk_size=chunk_size,
+            batch_axes=msharding.BATCH_AXES,
+            mesh=mesh,
         )
 
     return step
@@ -358,13 +378,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     chunk = cfg.loss.chunk_size or None
     step_fn = jax.jit(
         make_train_step(
-            graphdef, spec, chunk_size=chunk, num_microbatches=cfg.optim.num_microbatches, schedule=schedule
+            graphdef,
+            spec,
+            mesh=mesh,
+            chunk_size=chunk,
+            num_microbatches=cfg.optim.num_microbatches,
+            schedule=schedule,
         ),
         in_shardings=(state_shardings, batch_shard),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, chunk_size=chunk), in_shardings=(state_shardings, batch_shard))
+    eval_fn = jax.jit(
+        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk), in_shardings=(state_shardings, batch_shard)
+    )
 
     writer = MetricsWriter(workdir, enabled=primary)
     bar = ProgressBar(cfg.train.steps, initial_step=start_step, enabled=primary)

@@ -90,23 +90,39 @@ def test_fused_bf16_inputs(loss):
     _assert_close(gw.astype(jnp.float32), gw_m, 2e-2)
 
 
-def test_fused_sharded_batch_equals_single_device():
+@pytest.mark.parametrize("per_shard", [False, True])
+def test_fused_sharded_batch_equals_single_device(per_shard):
+    """8 fake devices, batch sharded 8 ways (4 x 2 mesh): the same loss and gradients as one
+    device, both as plain GSPMD code and with per-shard tiling (batch_axes)."""
     assert jax.device_count() == 8
     hidden, unembed, labels, mask = _inputs(seed=47, lead=(8, 5), vocab=40)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    axes = ("data", "fsdp") if per_shard else None
     for loss in ("ce", "focal", "mile"):
-        step = jax.jit(
-            jax.value_and_grad(
-                lambda h, w, y, m: fused_loss(h, w, y, m, loss=loss, chunk_size=8)[0], argnums=(0, 1)
-            )
-        )
-        v1, (gh1, gw1) = step(hidden, unembed, labels, mask)
-        sharded = [jax.device_put(x, batch) for x in (hidden, labels, mask)]
-        v8, (gh8, gw8) = step(sharded[0], unembed, sharded[1], sharded[2])
+
+        def value(h, w, y, m, axes):
+            return fused_loss(h, w, y, m, loss=loss, chunk_size=8, batch_axes=axes, **HPARAMS[loss])[0]
+
+        single = jax.jit(jax.value_and_grad(lambda *a: value(*a, None), argnums=(0, 1)))
+        v1, (gh1, gw1) = single(hidden, unembed, labels, mask)
+        with jax.set_mesh(mesh):
+            step = jax.jit(jax.value_and_grad(lambda *a: value(*a, axes), argnums=(0, 1)))
+            sharded = [jax.device_put(x, batch) for x in (hidden, labels, mask)]
+            args = (sharded[0], unembed, sharded[1], sharded[2])
+            v8, (gh8, gw8) = step(*args)
+            hlo = step.lower(*args).compile().as_text()
         np.testing.assert_allclose(v8, v1, rtol=1e-6)
         _assert_close(gh8, gh1, 1e-6)
         _assert_close(gw8, gw1, 1e-6)
+        if per_shard:  # each device tiles its own rows: nothing is gathered
+            assert "all-gather" not in hlo
+
+
+def test_batch_axes_need_a_mesh():
+    hidden, unembed, labels, mask = _inputs(seed=61)
+    with pytest.raises(ValueError, match="batch_axes"):
+        fused_loss(hidden, unembed, labels, mask, batch_axes=("data",))
 
 
 def test_fused_never_holds_the_full_logits():

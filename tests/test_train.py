@@ -26,6 +26,7 @@ def _step_setup(cfg, mesh):
         T.make_train_step(
             graphdef,
             loss_from_config(cfg.loss),
+            mesh=mesh,
             chunk_size=None,
             num_microbatches=cfg.optim.num_microbatches,
             schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps),
@@ -82,7 +83,10 @@ def test_train_step_on_2x2x2_mesh_equals_one_device(tmp_path):
 
 
 def test_micro_batches_give_the_same_update(tmp_path):
-    mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+    # 2 data shards x 4 micro-batches of the 8-row batch: 1 row per shard per micro-batch.
+    mesh = msharding.make_mesh(
+        ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 1}), devices=jax.devices()[:2]
+    )
     out = []
     for k in (1, 4):
         cfg = tiny_config(tmp_path, **{"optim.num_microbatches": k})
@@ -300,7 +304,7 @@ def test_weight_decay_skips_norm_scales_only():
     params = nnx.state(Llama(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
     mask = T._decay_mask(params, ("norm",))
     decayed = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
-    assert {k for k, v in decayed.items() if not v} == {
-        k for k in decayed if "norm" in k
-    } and any("norm" in k for k in decayed)
+    assert {k for k, v in decayed.items() if not v} == {k for k in decayed if "norm" in k} and any(
+        "norm" in k for k in decayed
+    )
     assert all(v for k, v in decayed.items() if "head" in k or "embedding" in k or "mlp']['up" in k)

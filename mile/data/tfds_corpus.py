@@ -90,6 +90,8 @@ def build_text_dataset(
     data_dir = pathlib.Path(cache_dir) / "tfds" / fingerprint(docs, validation_every)
     builder = MileTextCorpus(documents=docs, validation_every=validation_every, data_dir=str(data_dir))
     if not builder.is_prepared():
+        # A one-off build of a small local corpus: TFDS's nested progress bars are only noise.
+        tfds.disable_progress_bar()
         # TFDS writes into a temp dir and renames at the end, so a crash leaves no half dataset.
         builder.download_and_prepare(
             file_format="array_record",

@@ -139,6 +139,21 @@ def build_state(cfg, mesh, rules):
 # ---------------------------------------------------------------------------------------------
 
 
+def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None):
+    """The loss terms of a token batch: the model's hidden states through the fused LM head,
+    each device tiling its own rows of the batch."""
+    return fused_loss_terms(
+        spec,
+        model(batch["inputs"]),
+        model.unembedding(),
+        batch["targets"],
+        batch["mask"],
+        chunk_size=chunk_size,
+        batch_axes=msharding.BATCH_AXES,
+        mesh=mesh,
+    )
+
+
 def _split_microbatches(batch, k: int):
     """[G, ...] -> [k, G/k, ...] taking every k-th row, so each micro-batch spans all shards."""
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -163,17 +178,8 @@ def make_train_step(
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
         def numerator(p, mb):
-            m = nnx.merge(model_def, p, rest)
-            hidden = m(mb["inputs"])
-            terms = fused_loss_terms(
-                spec,
-                hidden,
-                m.unembedding(),
-                mb["targets"],
-                mb["mask"],
-                chunk_size=chunk_size,
-                batch_axes=msharding.BATCH_AXES,
-                mesh=mesh,
+            terms = batch_loss_terms(
+                nnx.merge(model_def, p, rest), mb, spec, mesh=mesh, chunk_size=chunk_size
             )
             return terms["numerator"], terms
 
@@ -230,17 +236,7 @@ def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
 
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        hidden = model(batch["inputs"])
-        return fused_loss_terms(
-            ce,
-            hidden,
-            model.unembedding(),
-            batch["targets"],
-            batch["mask"],
-            chunk_size=chunk_size,
-            batch_axes=msharding.BATCH_AXES,
-            mesh=mesh,
-        )
+        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size)
 
     return step
 

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
             sigma=1.0,
             normalization="global",  # "global" (exact over the optimiser batch) | "paper"
             chunk_size=0,  # tokens per fused LM-head tile; 0 = automatic
+            head="fused",  # "fused" (tiled, no logits held) | "materialised" (full logits; for comparison)
         )
     )
 

@@ -75,6 +75,8 @@ def check_config(cfg, mesh) -> L.LossSpec:
         )
     if cfg.train.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
+    if cfg.loss.head not in LOSS_HEADS:
+        raise ValueError(f"loss.head={cfg.loss.head!r}; use one of {', '.join(LOSS_HEADS)}")
     return spec
 
 
@@ -121,14 +123,20 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     )
 
 
-def build_state(cfg, mesh, rules):
-    """(graphdef, sharded state) of model + optimiser, created directly with target shardings."""
+def state_builder(cfg):
+    """A function that builds the (model, optimiser) pair of a run: for sharded or abstract creation."""
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
     def build():
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+    return build
+
+
+def build_state(cfg, mesh, rules):
+    """(graphdef, sharded state) of model + optimiser, created directly with target shardings."""
+    build = state_builder(cfg)
     model, optimizer = msharding.create_sharded(build, mesh, rules)
     graphdef, state = nnx.split((model, optimizer))
     return graphdef, state, build
@@ -139,12 +147,21 @@ def build_state(cfg, mesh, rules):
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None):
-    """The loss terms of a token batch: the model's hidden states through the fused LM head,
-    each device tiling its own rows of the batch."""
+LOSS_HEADS = ("fused", "materialised")  # config loss.head
+
+
+def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None, head: str = "fused"):
+    """The loss terms of a token batch: the model's hidden states through the LM head.
+
+    "fused" (the default) tiles the head matmul and loss on each device's own rows, never holding
+    the logits. "materialised" is the reference code's way, kept to measure what fusion saves:
+    the full [batch, seq, vocab] logits, then softmax and entropy over them."""
+    hidden = model(batch["inputs"])
+    if head == "materialised":
+        return L.loss_terms(spec, hidden @ model.unembedding(), batch["targets"], batch["mask"])
     return fused_loss_terms(
         spec,
-        model(batch["inputs"]),
+        hidden,
         model.unembedding(),
         batch["targets"],
         batch["mask"],
@@ -167,6 +184,7 @@ def make_train_step(
     chunk_size: int | None,
     num_microbatches: int,
     schedule: optax.Schedule,
+    head: str = "fused",
 ):
     """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
     whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
@@ -179,7 +197,7 @@ def make_train_step(
 
         def numerator(p, mb):
             terms = batch_loss_terms(
-                nnx.merge(model_def, p, rest), mb, spec, mesh=mesh, chunk_size=chunk_size
+                nnx.merge(model_def, p, rest), mb, spec, mesh=mesh, chunk_size=chunk_size, head=head
             )
             return terms["numerator"], terms
 
@@ -228,6 +246,27 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(cfg, graphdef, spec: L.LossSpec, mesh, state_shardings):
+    """The run's train step under jax.jit with its shardings and donation: what the loop calls and
+    what `mile.aot` compiles for a TPU slice."""
+    step = make_train_step(
+        graphdef,
+        spec,
+        mesh=mesh,
+        chunk_size=cfg.loss.chunk_size or None,
+        num_microbatches=cfg.optim.num_microbatches,
+        schedule=learning_rate_schedule(cfg.optim, cfg.train.steps),
+        head=cfg.loss.head,
+    )
+    batch_shard = msharding.batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shard),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
@@ -370,21 +409,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
             with open(config_path, "w") as f:
                 f.write(cfg.to_json_best_effort(indent=2))
 
-    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     chunk = cfg.loss.chunk_size or None
-    step_fn = jax.jit(
-        make_train_step(
-            graphdef,
-            spec,
-            mesh=mesh,
-            chunk_size=chunk,
-            num_microbatches=cfg.optim.num_microbatches,
-            schedule=schedule,
-        ),
-        in_shardings=(state_shardings, batch_shard),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
     eval_fn = jax.jit(
         make_eval_step(graphdef, mesh=mesh, chunk_size=chunk), in_shardings=(state_shardings, batch_shard)
     )

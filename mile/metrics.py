@@ -127,7 +127,7 @@ class ProgressBar:
                 file=self._file,
             )
 
-    def update(self, step: int, *, loss=None, ce=None, tokens_per_s=None) -> None:
+    def update(self, step: int, *, loss=None, ce=None, tokens_per_s=None, mfu=None) -> None:
         if not self.enabled:
             return
         step = int(step)
@@ -138,6 +138,8 @@ class ProgressBar:
             parts["ce"] = f"{_to_float(ce):.4f}"
         if tokens_per_s is not None:
             parts["tok/s"] = _fmt_rate(_to_float(tokens_per_s))
+        if mfu is not None:
+            parts["mfu"] = f"{_to_float(mfu):.1%}"
         if self._bar is not None:
             self._bar.update(step - self.step)
             self.step = step

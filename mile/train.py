@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from mile import data as mdata
+from mile import flops as mflops
 from mile import losses as L
 from mile import sharding as msharding
 from mile.checkpoint import Checkpointer, config_mismatch
@@ -158,7 +159,11 @@ def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | 
     the full [batch, seq, vocab] logits, then softmax and entropy over them."""
     hidden = model(batch["inputs"])
     if head == "materialised":
-        return L.loss_terms(spec, hidden @ model.unembedding(), batch["targets"], batch["mask"])
+        # Each device holds the logits of its own rows, as each data-parallel rank does in the
+        # reference code (left alone, GSPMD may shard the matmul's hidden axis and gather rows).
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(msharding.BATCH_AXES))
+        logits = jax.lax.with_sharding_constraint(hidden @ model.unembedding(), rows)
+        return L.loss_terms(spec, logits, batch["targets"], batch["mask"])
     return fused_loss_terms(
         spec,
         hidden,
@@ -418,6 +423,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     writer = MetricsWriter(workdir, enabled=primary)
     bar = ProgressBar(cfg.train.steps, initial_step=start_step, enabled=primary)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    # Model FLOPs utilisation: achieved model TFLOP/s per device, and MFU against the device kind's
+    # published peak where mile.flops knows it (accelerators; not the CPU).
+    flops_per_token = mflops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    chip = mflops.chip_for_device_kind(jax.devices()[0].device_kind)
 
     def save(step):
         states = gather_data_states(train_it.get_state())
@@ -450,8 +459,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - window_start
             m["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            m["tflops_per_device"] = m["tokens_per_s"] * flops_per_token / jax.device_count() / 1e12
+            if chip is not None:
+                m["mfu"] = m["tflops_per_device"] * 1e12 / chip.peak_bf16_flops
             writer.write(step, m, prefix="train")
-            bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"])
+            bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
             window_start, window_steps = time.perf_counter(), 0
 
     last_step = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)

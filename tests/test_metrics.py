@@ -59,3 +59,13 @@ def test_progress_bar_plain_when_not_tty():
     assert lines[0].startswith("step 200/1000 (20.0%) loss 3.0000 ce 3.1000 tok/s 12.3k eta ")
     assert lines[-2].startswith("step 1000/1000")
     assert lines[-1] == "eval loss 2.0"
+
+
+def test_progress_bar_shows_mfu_when_given():
+    out = io.StringIO()
+    bar = ProgressBar(10, enabled=True, log_every=1, file=out)
+    bar.update(1, loss=3.0, tokens_per_s=1000.0, mfu=0.4123)
+    bar.update(2, loss=3.0, tokens_per_s=1000.0)  # on CPU the trainer passes no MFU
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert " tok/s 1.0k mfu 41.2% eta " in lines[0] and "mfu" not in lines[1]

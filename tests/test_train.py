@@ -15,6 +15,7 @@ from mile import sharding as msharding
 from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.losses import loss_from_config
+from mile.model import param_count
 from train_helpers import REPO, tiny_config
 
 
@@ -144,6 +145,14 @@ def test_resume_is_bit_exact(tmp_path):
     assert data_a == data_b
     losses = lambda wd: [r["train/loss"] for r in _metrics(wd) if "train/loss" in r]
     assert losses(straight)[5:] == losses(resumed)[5:]
+    # Throughput in model FLOPs: tokens/s x (6N + attention) per token over the devices; no MFU on CPU.
+    row = next(r for r in _metrics(straight) if "train/loss" in r)
+    per_token = 6 * (param_count(cfg.model) - cfg.model.vocab_size * cfg.model.embed_dim) + 12 * (
+        cfg.model.num_layers * cfg.model.num_heads * cfg.model.head_dim * cfg.data.seq_len
+    )
+    expected = row["train/tokens_per_s"] * per_token / jax.device_count() / 1e12
+    assert row["train/tflops_per_device"] == pytest.approx(expected, rel=1e-6)
+    assert "train/mfu" not in row
 
 
 def _metrics(workdir):

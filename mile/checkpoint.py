@@ -81,17 +81,15 @@ class Checkpointer:
         """`read_only`: for readers (evaluate, export, the trainer's checks): never creates,
         saves or deletes anything."""
         self.directory = epath.Path(directory).absolute()
-        if read_only:
-            options = ocp.CheckpointManagerOptions(
-                read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
-            )
-        else:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                save_interval_steps=1,
-                create=True,
-                enable_async_checkpointing=async_save,
-            )
+        # Readers never save, so nothing is ever deleted; create=False keeps them from making the
+        # directory. (orbax's own read_only option logs a warning on every use.)
+        self._read_only = read_only
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=1,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
+        )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -125,6 +123,8 @@ class Checkpointer:
         `save_interval_steps=1` already accepts every step).
         """
         step = int(step)
+        if self._read_only:
+            raise RuntimeError("this Checkpointer was opened read_only")
         if step in self._mngr.all_steps():
             log.warning(
                 "checkpoint for step %d already exists in %s; not overwriting it", step, self.directory

@@ -38,26 +38,27 @@ def _maybe_initialize_distributed(mode: str) -> None:
         jax.distributed.initialize()
 
 
-def _syntax_error(e: SyntaxError) -> None:
-    _fail(f"config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; fix the file")
+def _config_file_error(e: BaseException) -> None:
+    """One `error:` line for a --config file that is missing or does not import."""
+    attempted = re.search(r"Attempted \[[^\]]*\]:\s*\n\s*(\S+)", str(e))
+    while e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, SyntaxError):
+        _fail(f"config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; fix the file")
+    missing = re.search(r"\[Errno \d+\] ([^\n]+)", str(e))
+    why = missing.group(1) if missing else str(e).strip().splitlines()[0]
+    path = f" {attempted.group(1)}" if attempted else ""
+    _fail(f"cannot load config file{path}: {why}; pass an existing file, e.g. --config configs/cpu.py")
 
 
 def _load_config():
-    """The parsed --config; a config file that is missing or does not import is one `error:` line."""
-    path = flags.FLAGS["config"].config_filename.split(":")[0]
+    """The parsed --config (a file that fails to load is reported here when no override touched it)."""
     try:
         cfg = _CONFIG.value
         cfg.keys()  # ml_collections defers a file's load error to the first use of the config
         return cfg
     except OSError as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, SyntaxError):
-            _syntax_error(cause)
-        missing = re.search(r"\[Errno \d+\] ([^\n]+)", str(cause))
-        why = missing.group(1) if missing else str(cause).splitlines()[0]
-        _fail(f"cannot load config file {path}: {why}; pass an existing file, e.g. --config configs/cpu.py")
+        _config_file_error(e)
 
 
 def main(argv):
@@ -96,8 +97,8 @@ def _parse_flags(argv):
         hint = re.search(r'Did you mean "([^"]+)"', text)
         hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
         _fail(f"unknown config key in {flag}{hint}; every key is listed in configs/base.py")
-    except SyntaxError as e:  # --config file that does not parse
-        _syntax_error(e)
+    except (OSError, SyntaxError) as e:  # a --config file that is missing or does not parse
+        _config_file_error(e)
     except (flags.Error, ValueError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         _fail(lines[-1] if lines else repr(e))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Iterable, NamedTuple
 
 import orbax.checkpoint as ocp
@@ -70,6 +71,24 @@ def _is_read_failure(e: Exception) -> bool:
     # Orbax reports a failed array read as a bare `Exception` wrapping tensorstore's error; a
     # missing item is a KeyError; a damaged JSON item a ValueError; a missing file an OSError.
     return type(e) is Exception or isinstance(e, (KeyError, ValueError, OSError))
+
+
+def _quiet_abandoned_reads() -> None:
+    """When a restore fails, orbax closes its event loop while tensorstore still finishes the other
+    reads; each of their callbacks then raises "Event loop is closed" into sys.unraisablehook,
+    which would print dozens of tracebacks around our one-line message. Drop exactly those; every
+    other unraisable exception still goes to the previous hook. Installed once, before any read."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mile_quiet", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._mile_quiet = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -169,6 +188,7 @@ class Checkpointer:
             raise CorruptCheckpointError(self.directory, step, f"is incomplete (no {', '.join(missing)})")
         if (self._step_dir(step) / "integrity").is_dir():
             items["integrity"] = ocp.args.JsonRestore()
+        _quiet_abandoned_reads()  # before the read: the callbacks can fire before we see its error
         try:
             return dict(self._mngr.restore(int(step), args=ocp.args.Composite(**items)))
         except Exception as e:  # narrowed by _is_read_failure: anything else is a bug, re-raised

@@ -365,6 +365,8 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     from train_helpers import write_corpus
 
     corpus = write_corpus(tmp_path)
+    syntax_error = tmp_path / "broken_config.py"
+    syntax_error.write_text("def get_config(:\n")
     common = [
         f"--config.data.text_files={corpus}",
         "--config.data.source=text",
@@ -387,12 +389,43 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
         ("--config.loss.name=mse", "unknown loss 'mse'"),
         ("--config.loss.nmae=ce", 'unknown config key in --config.loss.nmae (did you mean "name"?)'),
         ("--config.loss.gamma=-0.5", "gamma must be a finite number >= 0"),
+        (
+            "--config.train.keep_checkpoints=0",
+            "error: train.keep_checkpoints=0 must be a whole number >= 1 (0 would delete every checkpoint); "
+            "pass --config.train.keep_checkpoints=N with N >= 1",
+        ),
+        (
+            "--config.train.checkpoint_every=0",
+            "error: train.checkpoint_every=0 must be a whole number >= 1; "
+            "pass --config.train.checkpoint_every=N with N >= 1",
+        ),
+        (
+            f"--config={tmp_path / 'nope.py'}",
+            f"error: cannot load config file {tmp_path / 'nope.py'}: No such file or directory: "
+            f"'{tmp_path / 'nope.py'}'; pass an existing file, e.g. --config configs/cpu.py",
+        ),
+        (
+            f"--config={syntax_error}",
+            f"error: config file {syntax_error} has a syntax error at line 1: invalid syntax; fix the file",
+        ),
     ):
         bad = _launch(tmp_path, f"--workdir={wd}", flag, *common)
         assert bad.returncode == 2, bad.stderr
         assert bad.stderr.strip().startswith("error: ") and message in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr  # one line, no traceback
     assert (sorted(os.listdir(wd / "checkpoints")), (wd / "metrics.jsonl").read_text()) == before
+    bad = _launch(tmp_path, f"--workdir={corpus}", *common)
+    assert bad.returncode == 2 and bad.stderr == (
+        f"error: {corpus} is a file, not a directory; pass a directory as --workdir\n"
+    )
+
+    # A damaged newest checkpoint: one warning line, and the run redoes step 6 from step 5.
+    _flip_a_bit_in_state(wd / "checkpoints" / "6")
+    run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=6", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.startswith(f"warning: checkpoint step 6 in {wd / 'checkpoints'} "), run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr  # that line only: no traceback, no asyncio noise
+    assert [r["step"] for r in _metrics(wd) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

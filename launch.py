@@ -38,9 +38,32 @@ def _maybe_initialize_distributed(mode: str) -> None:
         jax.distributed.initialize()
 
 
+def _config_file_error(e: BaseException) -> None:
+    """One `error:` line for a --config file that is missing or does not import."""
+    attempted = re.search(r"Attempted \[[^\]]*\]:\s*\n\s*(\S+)", str(e))
+    while e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, SyntaxError):
+        _fail(f"config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; fix the file")
+    missing = re.search(r"\[Errno \d+\] ([^\n]+)", str(e))
+    why = missing.group(1) if missing else str(e).strip().splitlines()[0]
+    path = f" {attempted.group(1)}" if attempted else ""
+    _fail(f"cannot load config file{path}: {why}; pass an existing file, e.g. --config configs/cpu.py")
+
+
+def _load_config():
+    """The parsed --config (a file that fails to load is reported here when no override touched it)."""
+    try:
+        cfg = _CONFIG.value
+        cfg.keys()  # ml_collections defers a file's load error to the first use of the config
+        return cfg
+    except OSError as e:
+        _config_file_error(e)
+
+
 def main(argv):
     del argv
-    cfg = _CONFIG.value
+    cfg = _load_config()
     # Orbax and TFDS log every file they touch at INFO; keep the console to our own lines.
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -74,6 +97,8 @@ def _parse_flags(argv):
         hint = re.search(r'Did you mean "([^"]+)"', text)
         hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
         _fail(f"unknown config key in {flag}{hint}; every key is listed in configs/base.py")
+    except (OSError, SyntaxError) as e:  # a --config file that is missing or does not parse
+        _config_file_error(e)
     except (flags.Error, ValueError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         _fail(lines[-1] if lines else repr(e))

@@ -18,39 +18,119 @@ Choices:
     the directory creation, barriers and which process writes which shards.
   * Typed PRNG keys (`jax.random.key(0)`) are saved and restored as such (orbax 0.12 stores the
     key data and re-wraps it on restore).
+
+Integrity (mile.integrity): every save adds a fourth item, `integrity`, with a checksum of each
+state array and a SHA-256 of the data state and config, written in the same atomic orbax save.
+`restore` recomputes and compares them. A checkpoint that cannot be read (truncated file, missing
+item) or whose checksums differ raises `CorruptCheckpointError`, one line saying which step and why.
+A checkpoint saved before checksums existed restores with a warning. `restore_latest_verified`
+walks back from the newest step to the newest one that verifies (the trainer's fallback).
+
+Complete steps: a step directory counts only when it has orbax's `_CHECKPOINT_METADATA` and every
+item directory. A kill while orbax deletes an old step can leave a partial directory; it is not
+offered to restore, evaluate or export (orbax removes it at a later cleanup).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+import os
+import sys
+from typing import Any, Iterable, NamedTuple
 
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mile import integrity
+
 log = logging.getLogger(__name__)
 
-_ITEMS = ("state", "data_state", "config")
+_ITEMS = ("state", "data_state", "config", "integrity")
+_REQUIRED = ("state", "data_state", "config")  # "integrity" is absent from older checkpoints
+_ORBAX_METADATA = "_CHECKPOINT_METADATA"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step that cannot be read or fails its integrity check; the message says which."""
+
+    def __init__(self, directory, step: int, problem: str, message: str | None = None):
+        super().__init__(message or f"checkpoint step {step} in {directory} {problem}")
+        self.step, self.problem = int(step), problem
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause of an exception, as one short line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _is_read_failure(e: Exception) -> bool:
+    # Orbax reports a failed array read as a bare `Exception` wrapping tensorstore's error; a
+    # missing item is a KeyError; a damaged JSON item a ValueError; a missing file an OSError.
+    return type(e) is Exception or isinstance(e, (KeyError, ValueError, OSError))
+
+
+def _quiet_abandoned_reads() -> None:
+    """When a restore fails, orbax closes its event loop while tensorstore still finishes the other
+    reads; each of their callbacks then raises "Event loop is closed" into sys.unraisablehook,
+    which would print dozens of tracebacks around our one-line message. Drop exactly those; every
+    other unraisable exception still goes to the previous hook. Installed once, before any read."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mile_quiet", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._mile_quiet = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
     """Save / restore (state pytree, data iterator state, config) by step."""
 
-    def __init__(self, directory, *, max_to_keep: int, async_save: bool = True):
+    def __init__(
+        self, directory, *, max_to_keep: int | None, async_save: bool = True, read_only: bool = False
+    ):
+        """`read_only`: for readers (evaluate, export, the trainer's checks): never creates,
+        saves or deletes anything."""
         self.directory = epath.Path(directory).absolute()
+        # Readers never save, so nothing is ever deleted; create=False keeps them from making the
+        # directory. (orbax's own read_only option logs a warning on every use.)
+        self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=1,
-            create=True,
-            enable_async_checkpointing=async_save,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
     # -- queries ---------------------------------------------------------------------------------
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
+
+    def missing_parts(self, step: int) -> list[str]:
+        """What a finalised step directory lacks (orbax's metadata file, item directories)."""
+        d = self._step_dir(step)
+        missing = [] if (d / _ORBAX_METADATA).exists() else [_ORBAX_METADATA]
+        return missing + [f"{item}/" for item in _REQUIRED if not (d / item).is_dir()]
+
     def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
+        """The complete steps on disk, ascending (partial directories left by a kill are skipped)."""
+        return sorted(s for s in self._mngr.all_steps() if not self.missing_parts(s))
+
+    def finalized_steps(self) -> list[int]:
+        """Every step directory orbax finalised, complete or not, ascending."""
         return sorted(self._mngr.all_steps())
 
     # -- save ------------------------------------------------------------------------------------
@@ -62,15 +142,24 @@ class Checkpointer:
         `save_interval_steps=1` already accepts every step).
         """
         step = int(step)
+        if self._read_only:
+            raise RuntimeError("this Checkpointer was opened read_only")
         if step in self._mngr.all_steps():
             log.warning(
                 "checkpoint for step %d already exists in %s; not overwriting it", step, self.directory
             )
             return False
+        checksums = {
+            "format": 1,
+            "state": integrity.tree_checksums(state),
+            "data_state": integrity.json_digest(dict(data_state)),
+            "config": integrity.json_digest(dict(config)),
+        }
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_state=ocp.args.JsonSave(dict(data_state)),
             config=ocp.args.JsonSave(dict(config)),
+            integrity=ocp.args.JsonSave(checksums),
         )
         return bool(self._mngr.save(step, args=args, force=force))
 
@@ -90,29 +179,115 @@ class Checkpointer:
         self.close()
 
     # -- restore ---------------------------------------------------------------------------------
+    def _read(self, step: int, **items) -> dict:
+        """Orbax restore of some items of `step`; any read failure -> CorruptCheckpointError."""
+        if step not in self._mngr.all_steps():
+            raise CorruptCheckpointError(self.directory, step, "does not exist")
+        missing = self.missing_parts(step)
+        if missing:
+            raise CorruptCheckpointError(self.directory, step, f"is incomplete (no {', '.join(missing)})")
+        if (self._step_dir(step) / "integrity").is_dir():
+            items["integrity"] = ocp.args.JsonRestore()
+        _quiet_abandoned_reads()  # before the read: the callbacks can fire before we see its error
+        try:
+            return dict(self._mngr.restore(int(step), args=ocp.args.Composite(**items)))
+        except Exception as e:  # narrowed by _is_read_failure: anything else is a bug, re-raised
+            if not _is_read_failure(e):
+                raise
+            raise CorruptCheckpointError(self.directory, step, f"cannot be read ({_reason(e)})") from e
+
+    def _check_json(self, step: int, out: dict, name: str) -> None:
+        expected = (out.get("integrity") or {}).get(name)
+        if expected is not None and integrity.json_digest(out[name]) != expected:
+            raise CorruptCheckpointError(
+                self.directory, step, f"failed its integrity check ({name} differs from its checksum)"
+            )
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores (state, data_state) at `step`.
+        """Restores (state, data_state) at `step` and checks them against the saved checksums.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set: arrays come
         back directly in that sharding (which may differ from the one they were saved with).
+        Raises CorruptCheckpointError when the step cannot be read or does not verify.
         """
-        out = self._mngr.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_state=ocp.args.JsonRestore(),
-            ),
+        step = int(step)
+        out = self._read(
+            step, state=ocp.args.StandardRestore(abstract_state), data_state=ocp.args.JsonRestore()
         )
+        if "integrity" not in out:
+            log.warning(
+                "checkpoint step %d in %s has no checksums (saved by an older version); "
+                "restoring it unverified",
+                step,
+                self.directory,
+            )
+            return out["state"], out["data_state"]
+        mismatch = integrity.first_mismatch(out["integrity"]["state"], integrity.tree_checksums(out["state"]))
+        if mismatch:
+            raise CorruptCheckpointError(self.directory, step, f"failed its integrity check ({mismatch})")
+        self._check_json(step, out, "data_state")
         return out["state"], out["data_state"]
 
     def saved_config(self, step: int | None = None) -> dict | None:
-        """The config stored with checkpoint `step` (default: the latest), or None if none."""
+        """The config stored with checkpoint `step` (default: the latest), or None if none.
+        Raises CorruptCheckpointError when it cannot be read or does not match its checksum."""
         if step is None:
             step = self.latest_step()
         if step is None:
             return None
-        out = self._mngr.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        out = self._read(int(step), config=ocp.args.JsonRestore())
+        self._check_json(int(step), out, "config")
         return out["config"]
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: dict
+    rejected: list[CorruptCheckpointError]  # the newer steps that failed, newest first
+
+
+def restore_latest_verified(directory, abstract_state) -> Restored | None:
+    """The newest step of `directory` that reads and verifies, walking back past corrupt ones.
+
+    Incomplete step directories count as corrupt when newer than the step restored (orbax deletes
+    only old steps, so a newest one missing an item was damaged), and are ignored when older (a
+    deletion cut short). None when there are no checkpoints. Raises CorruptCheckpointError naming
+    every step when none verifies. Nothing on disk is changed (see `set_aside`).
+    """
+    if not os.path.isdir(directory):
+        return None
+    with Checkpointer(directory, max_to_keep=None, read_only=True) as ck:
+        steps = ck.finalized_steps()
+        rejected = []
+        for step in reversed(steps):
+            try:
+                state, data_state = ck.restore(step, abstract_state)
+                return Restored(step, state, data_state, rejected)
+            except CorruptCheckpointError as e:
+                rejected.append(e)
+    if not rejected:
+        return None
+    problems = "; ".join(f"step {e.step} {e.problem}" for e in rejected)
+    message = (
+        f"no checkpoint in {directory} can be restored ({problems}); nothing was changed: "
+        "repair them, or move that directory aside to start afresh"
+    )
+    raise CorruptCheckpointError(directory, rejected[0].step, problems, message)
+
+
+def set_aside(directory, step: int) -> str:
+    """Moves step directory `step` to `<directory>/../corrupt_checkpoints/` (never deletes it);
+    returns its new path. Call on one process only."""
+    directory = os.path.abspath(os.fspath(directory))
+    dest_root = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")
+    os.makedirs(dest_root, exist_ok=True)
+    dest, n = os.path.join(dest_root, str(int(step))), 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(dest_root, f"{int(step)}.{n}")
+    os.rename(os.path.join(directory, str(int(step))), dest)
+    return dest
 
 
 # -- config compatibility ------------------------------------------------------------------------

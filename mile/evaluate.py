@@ -41,9 +41,9 @@ the options differ in the context and the continuation is shared). ``gold`` inde
   continuation (so a choice may carry a few characters of the context's tail).
 * ``acc``: argmax of the summed log-likelihood; ``acc_norm``: argmax of log-likelihood / number
   of characters in the choice (lm-eval's length normalisation). Ties go to the lower index.
-* k-shot: ``k`` examples drawn (seed ``[seed, example index]``) from the other examples of the
-  task, or from ``shot_pool`` when given, each rendered ``{context}{gold choice}\\n\\n`` and
-  prepended to the context.
+* k-shot: ``k`` examples drawn by ``mile.fewshot.draw_shots`` (seed ``[seed, example index]``,
+  the rule QA uses too) from the other examples of the task, or from ``shot_pool`` when given,
+  each rendered ``{context}{gold choice}\\n\\n`` and prepended to the context.
 * Batching: model inputs are right-padded to power-of-two lengths (at least 16, at most
   ``max_seq_len``) and rows to a fixed batch size, so few shapes are compiled.
   Attention is causal, so right padding never changes a score. Too long contexts are cut from
@@ -70,6 +70,7 @@ import numpy as np
 from flax import nnx
 
 from mile import qa
+from mile.fewshot import draw_shots
 from mile.fused import fused_token_statistics
 from mile.jsonl import read_records
 
@@ -324,16 +325,8 @@ def few_shot_prefix(
     seed: int,
     shot_pool: Sequence[Mapping] | None = None,
 ) -> str:
-    """The k demonstrations for example ``index``: fixed by (seed, index), never the example itself."""
-    if k_shot <= 0:
-        return ""
-    pool = list(shot_pool) if shot_pool is not None else [e for i, e in enumerate(examples) if i != index]
-    if len(pool) < k_shot:
-        raise ValueError(
-            f"k_shot={k_shot} needs at least {k_shot} shot examples, have {len(pool)}; lower --k-shot."
-        )
-    rng = np.random.default_rng([seed, index])
-    return "".join(_shot_text(pool[j]) for j in rng.choice(len(pool), size=k_shot, replace=False))
+    """The k demonstrations for example ``index`` (mile.fewshot's rule, shared with QA)."""
+    return "".join(_shot_text(ex) for ex in draw_shots(examples, index, k_shot, seed, shot_pool))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

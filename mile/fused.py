@@ -238,7 +238,7 @@ def fused_loss(
     labels: jax.Array,
     mask: jax.Array | None = None,
     *,
-    loss: str | L.LossSpec = "mile",
+    loss: str | L.LossSpec,
     chunk_size: int | None = None,
     batch_axes: tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -246,8 +246,9 @@ def fused_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The named loss of `hidden @ unembedding` without materialising the logits.
 
-    hidden [..., D], unembedding [D, V], labels [...], mask [...] or None. `hparams` are the
-    loss's own (gamma, sigma, normalization). Same value and gradients (w.r.t. hidden and
+    hidden [..., D], unembedding [D, V], labels [...], mask [...] or None. `loss` is required
+    ("ce", "focal", "mile" or a LossSpec): there is no default loss to get by accident. `hparams`
+    are the loss's own (gamma, sigma, normalization). Same value and gradients (w.r.t. hidden and
     unembedding) as `mile.losses.<loss>_loss(hidden @ unembedding, labels, mask, ...)`.
     """
     spec = loss if isinstance(loss, L.LossSpec) else L.get_loss(loss, **hparams)

@@ -11,9 +11,12 @@ Normalisation (a named, explicit choice):
   "global": normaliser = sum(m w) over every position given. The un-normalised pair
             (sum m w nll, sum m w) is exposed by `*_terms` functions, so a trainer can add it up
             over micro-batches and divide once: exact under any accumulation and any sharding.
-  "paper":  reproduces the authors' reference code on one device: masked positions enter the
-            normaliser with their weight (focal: weight of nll=0; MiLe: the real entropy weight),
-            the mean runs over all positions, and probabilities are clamped at 1e-8 in the entropy.
+  "paper":  reproduces the authors' reference code on one device. For its reweighted losses
+            (focal, MiLe) masked positions enter the normaliser with their weight (focal: weight
+            of nll=0; MiLe: the real entropy weight), the mean runs over all positions, and
+            probabilities are clamped at 1e-8 in the entropy. Its CE baseline is the usual mean
+            over non-ignored positions, so CE's paper mode equals "global" on one device (a spec
+            says which case it is with `paper_all_positions`).
 
 Gradients: weights and the normaliser are constants, so d loss / d z_i = (m_i w_i / N) (p_i - e_y).
 """
@@ -66,20 +69,45 @@ def mile_weights(nll: jax.Array, entropy: jax.Array, *, gamma: float, sigma: flo
     return (sigma + entropy) ** gamma
 
 
+def _callable_key(fn: Callable) -> Any:
+    """What identifies a weight rule: a functools.partial by its function and bound arguments (so
+    two get_loss("mile", gamma=1.0) calls agree), anything else by the object itself (a plain
+    function compares by identity)."""
+    if isinstance(fn, functools.partial):
+        return ("partial", _callable_key(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """A loss = a name, a weight rule with its hyperparameters bound, and a normalisation."""
+    """A loss = a name, a weight rule with its hyperparameters bound, and a normalisation.
+
+    `paper_all_positions`: in "paper" normalisation, whether the reference code divides by all
+    positions (its reweighted losses) or only the non-ignored ones (its plain CE baseline).
+    Equality and hash cover every field, the weight rule included, so a jit cache keyed on a spec
+    never reuses the trace of a different rule that happens to share a name.
+    """
 
     name: str
     weight_fn: Callable[[jax.Array, jax.Array], jax.Array]
     normalization: str = "global"
     hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    paper_all_positions: bool = True
+
+    def _key(self):
+        return (
+            self.name,
+            _callable_key(self.weight_fn),
+            self.normalization,
+            tuple(sorted(self.hparams.items())),
+            self.paper_all_positions,
+        )
 
     def __hash__(self):  # usable as a static argument of jit / custom_vjp
-        return hash((self.name, self.normalization, tuple(sorted(self.hparams.items()))))
+        return hash(self._key())
 
     def __eq__(self, other):
-        return isinstance(other, LossSpec) and hash(self) == hash(other)
+        return isinstance(other, LossSpec) and self._key() == other._key()
 
 
 def _check_normalization(normalization: str) -> str:
@@ -89,7 +117,8 @@ def _check_normalization(normalization: str) -> str:
 
 
 def _ce_spec(*, normalization: str = "global") -> LossSpec:
-    return LossSpec("ce", ce_weights, _check_normalization(normalization), {})
+    # The reference code's CE baseline: the mean over non-ignored positions, in paper mode too.
+    return LossSpec("ce", ce_weights, _check_normalization(normalization), {}, paper_all_positions=False)
 
 
 def _focal_spec(*, gamma: float = 1.0, normalization: str = "global") -> LossSpec:
@@ -175,11 +204,12 @@ def weights_from_statistics(
 
     global: normaliser += m w.
     paper:  weights from nll zeroed at masked positions (the reference's ignore_index gives
-            nll = 0 there) and the clamped entropy; normaliser += w at every position.
+            nll = 0 there) and the clamped entropy; normaliser += w at every position. A spec
+            with paper_all_positions=False (CE) normalises as global.
     """
     nll = jax.lax.stop_gradient(nll)
     entropy = jax.lax.stop_gradient(entropy)
-    if spec.normalization == "paper":
+    if spec.normalization == "paper" and spec.paper_all_positions:
         nll = jnp.where(mask > 0, nll, 0.0)
         if clamped_entropy is not None:
             entropy = jax.lax.stop_gradient(clamped_entropy)

@@ -5,6 +5,12 @@
 
 Non-finite values are written as JSON null in metrics.jsonl (so every line is valid JSON) and
 skipped in TensorBoard.
+
+Resuming at step S (`resume_step=S`): the rows of metrics.jsonl past S (and a torn last line left
+by a kill) are dropped before appending, because those steps are about to be redone; so every
+step appears once, in order. TensorBoard event files are append-only, so the new writer starts
+with TensorBoard's purge marker (`purge_step=S+1`): TensorBoard then hides the older files' events
+from step S+1 on, and the curves show each step once.
 """
 
 from __future__ import annotations
@@ -25,19 +31,25 @@ def _to_float(v: Any) -> float:
 class MetricsWriter:
     """Appends scalars to <workdir>/metrics.jsonl and <workdir>/tb. No-op when not enabled."""
 
-    def __init__(self, workdir, *, enabled: bool):
+    def __init__(self, workdir, *, enabled: bool, resume_step: int | None = None):
+        """`resume_step`: the step training restarts from (0 for a fresh start); rows past it
+        are dropped (their count is `dropped_rows`). None appends without touching anything."""
         self.enabled = bool(enabled)
         self._jsonl = None
         self._tb = None
+        self.dropped_rows = 0
         if not self.enabled:
             return
         workdir = os.fspath(workdir)
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            self.dropped_rows = truncate_metrics(self.path, resume_step)
         self._jsonl = open(self.path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        purge = None if resume_step is None else int(resume_step) + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -63,6 +75,28 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def truncate_metrics(path, last_step: int) -> int:
+    """Keeps the rows of metrics file `path` up to `last_step` (and drops unparsable lines, e.g. one
+    torn by a kill); rewrites the file atomically only when something goes. Returns the rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if kept != lines:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(path) -> list[dict]:

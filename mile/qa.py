@@ -8,8 +8,9 @@ Task file: JSONL, one example per line::
 normalised alias); answers[0] is the canonical answer, used as the target in k-shot prompts.
 `convert_record` maps TriviaQA rc.nocontext, WebQuestions and NQ-Open records to it.
 
-Prompt: k shots "Q: {q}\\nA: {a}\\n\\n" (drawn per example from a separate pool by one
-seeded RNG, as the harness does), then "Q: {question}\\nA:". No BOS is prepended (training
+Prompt: k shots "Q: {q}\\nA: {a}\\n\\n", then "Q: {question}\\nA:". The shots follow the rule
+multiple choice uses (mile.fewshot.draw_shots): drawn without replacement, seeded by
+[seed, example index], from `shots_pool` when given, else from the task's other examples. No BOS is prepended (training
 never sees one). The model generates greedily; the decoded text is cut at the first
 newline, period or comma and compared after `normalize_answer`.
 """
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import string
 import unicodedata
 from typing import Iterable, Sequence
 
+from mile.fewshot import draw_shots
 from mile.jsonl import read_records
 from mile.generate import greedy_generate
 
@@ -66,21 +67,12 @@ def build_prompt(question: str, shots: Sequence[dict] = ()) -> str:
 def build_prompts(
     examples: Sequence[dict], *, k_shot: int = 0, seed: int = 0, shots_pool: Sequence[dict] | None = None
 ) -> list[str]:
-    """One prompt per example; the same (examples, k_shot, seed, pool) give the same prompts."""
-    if k_shot < 0:
-        raise ValueError(f"k_shot={k_shot} is negative; pass 0 or more")
-    if k_shot and not shots_pool:
-        raise ValueError(f"k_shot={k_shot} needs shots_pool; pass examples from a separate split")
-    if k_shot and len(shots_pool) < k_shot:
-        raise ValueError(
-            f"shots_pool has {len(shots_pool)} examples < k_shot={k_shot}; lower k_shot or enlarge the pool"
-        )
-    rng = random.Random(seed)
-    prompts = []
-    for ex in examples:
-        shots = rng.sample(list(shots_pool), k_shot) if k_shot else []
-        prompts.append(build_prompt(ex["question"], shots))
-    return prompts
+    """One prompt per example; the same (examples, k_shot, seed, pool) give the same prompts.
+    Shots come from `shots_pool`, or from the other examples when it is None (mile.fewshot)."""
+    return [
+        build_prompt(ex["question"], draw_shots(examples, i, k_shot, seed, shots_pool))
+        for i, ex in enumerate(examples)
+    ]
 
 
 def evaluate_qa(

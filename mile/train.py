@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -23,7 +24,13 @@ from mile import data as mdata
 from mile import flops as mflops
 from mile import losses as L
 from mile import sharding as msharding
-from mile.checkpoint import Checkpointer, config_mismatch
+from mile.checkpoint import (
+    Checkpointer,
+    CorruptCheckpointError,
+    config_mismatch,
+    restore_latest_verified,
+    set_aside,
+)
 from mile.fused import fused_loss_terms
 from mile.metrics import MetricsWriter, ProgressBar
 from mile.model import Llama
@@ -42,8 +49,59 @@ def data_parallel_size(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+# Fields that must be whole numbers >= 1, and the extra reason some of them give.
+_AT_LEAST_ONE = {
+    "train.steps": "",
+    "train.log_every": "",
+    "train.eval_every": "",
+    "train.eval_batches": "",
+    "train.checkpoint_every": "",
+    "train.keep_checkpoints": " (0 would delete every checkpoint)",
+    "train.max_nonfinite_steps": "",
+    "optim.num_microbatches": "",
+    "data.global_batch_size": "",
+    "data.seq_len": "",
+}
+# Float fields: (lowest allowed, whether the lowest itself is allowed, upper bound excluded or None).
+_NUMBERS = {
+    "optim.learning_rate": (0.0, True, None),
+    "optim.end_learning_rate": (0.0, True, None),
+    "optim.weight_decay": (0.0, True, None),
+    "optim.clip_norm": (0.0, False, None),
+    "optim.eps": (0.0, False, None),
+    "optim.b1": (0.0, True, 1.0),
+    "optim.b2": (0.0, True, 1.0),
+}
+
+
+def _field(cfg, dotted: str):
+    section, name = dotted.split(".")
+    return cfg[section][name]
+
+
+def check_fields(cfg) -> None:
+    """Ranges of the numeric run settings; ValueError naming the first bad field and its fix."""
+    for key, why in _AT_LEAST_ONE.items():
+        v = _field(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(
+                f"{key}={v!r} must be a whole number >= 1{why}; pass --config.{key}=N with N >= 1"
+            )
+    warmup = cfg.optim.warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"optim.warmup_steps={warmup!r} must be a whole number >= 0; pass 0 or more")
+    for key, (low, low_ok, high) in _NUMBERS.items():
+        v = _field(cfg, key)
+        number = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+        ok = number and np.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v < high)
+        if not ok:
+            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise ValueError(f"{key}={v!r} must be a finite number {bound}; set --config.{key} in that range")
+
+
 def check_config(cfg, mesh) -> L.LossSpec:
     """Raise ValueError (one line, naming the field and the fix) for an inconsistent config."""
+    check_fields(cfg)
     spec = L.loss_from_config(cfg.loss)
     d, m = cfg.data, cfg.model
     if d.seq_len > m.max_seq_len:
@@ -58,8 +116,6 @@ def check_config(cfg, mesh) -> L.LossSpec:
         )
     dp = data_parallel_size(mesh)
     k = cfg.optim.num_microbatches
-    if k < 1:
-        raise ValueError(f"optim.num_microbatches={k} must be >= 1")
     if d.global_batch_size % dp:
         raise ValueError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by the data-parallel size "
@@ -74,8 +130,6 @@ def check_config(cfg, mesh) -> L.LossSpec:
         raise ValueError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by the {jax.process_count()} processes"
         )
-    if cfg.train.max_nonfinite_steps < 1:
-        raise ValueError("train.max_nonfinite_steps must be >= 1")
     if cfg.loss.head not in LOSS_HEADS:
         raise ValueError(f"loss.head={cfg.loss.head!r}; use one of {', '.join(LOSS_HEADS)}")
     return spec
@@ -343,13 +397,53 @@ def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
     }
 
 
+def check_workdir(workdir: str) -> None:
+    """ValueError unless `workdir` (and its checkpoints/) is a directory or can become one."""
+    for path in (os.path.join(workdir, "checkpoints"), workdir):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{path} is a file, not a directory; pass a directory as --workdir")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir {workdir} lies under the file {parent}; pass a directory path")
+
+
 def _existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
-    """(latest step, its config) of a checkpoint directory, creating nothing."""
+    """(latest step, the config of the newest step whose config reads and verifies), creating nothing."""
     if not os.path.isdir(ckpt_dir):
         return None, None
-    with Checkpointer(ckpt_dir, max_to_keep=1000, async_save=False) as checkpointer:
-        latest = checkpointer.latest_step()
-        return latest, (checkpointer.saved_config(latest) if latest is not None else None)
+    with Checkpointer(ckpt_dir, max_to_keep=None, read_only=True) as checkpointer:
+        steps = checkpointer.finalized_steps()
+        for step in reversed(steps):
+            try:
+                return steps[-1], checkpointer.saved_config(step)
+            except CorruptCheckpointError:
+                continue  # the full check, with its message and fallback, comes at restore
+        return (steps[-1] if steps else None), None
+
+
+def _resume(ckpt_dir: str, abstract, primary: bool) -> tuple[int, Any, dict | None]:
+    """(step, state, data_state) of the newest checkpoint that verifies; (0, None, None) if none.
+
+    Newer steps that fail their integrity check are moved to <workdir>/corrupt_checkpoints/ (never
+    deleted) with one line each, so the run goes on from the previous verified step and later saves
+    do not collide with them. When no step verifies, CorruptCheckpointError names each and nothing moves.
+    """
+    restored = restore_latest_verified(ckpt_dir, abstract)
+    if restored is None:
+        return 0, None, None
+    for bad in restored.rejected:
+        moved = set_aside(ckpt_dir, bad.step) if primary else "corrupt_checkpoints/"
+        print(
+            f"warning: {bad}; resuming from step {restored.step} instead (moved it to {moved})",
+            file=sys.stderr,
+        )
+    if restored.rejected and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mile_set_aside_corrupt_checkpoints")
+    return restored.step, restored.state, restored.data_state
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
@@ -359,6 +453,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     again resumes exactly where it stopped.
     """
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    check_fields(cfg)
+    check_workdir(workdir)
     mesh = msharding.make_mesh(cfg.mesh)
     spec = check_config(cfg, mesh)
     primary = jax.process_index() == 0
@@ -366,8 +462,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
 
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     latest, saved = _existing_checkpoint(ckpt_dir)
-    if latest is not None:
-        diff = config_mismatch(saved or {}, config_dict)
+    if saved is not None:
+        diff = config_mismatch(saved, config_dict)
         if diff:
             raise ValueError(
                 f"workdir {workdir} holds a checkpoint from an incompatible config ({diff}); "
@@ -381,9 +477,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
             "raise --config.model.vocab_size or lower --config.data.vocab_size"
         )
 
+    graphdef, state, build = build_state(cfg, mesh, rules)
+    start_step, data_state = 0, None
+    if latest is not None:
+        _, abstract = msharding.abstract_sharded(build, mesh, rules)
+        start_step, restored, data_state = _resume(ckpt_dir, abstract, primary)
+        state = restored if restored is not None else state
     # Everything checked: only now may the workdir be created or written.
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
-    graphdef, state, build = build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
     train_it = mdata.train_iterator(
@@ -394,10 +495,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    start_step = 0
-    if latest is not None:
-        _, abstract = msharding.abstract_sharded(build, mesh, rules)
-        state, data_state = checkpointer.restore(latest, abstract)
+    if data_state is not None:
         states = data_state["processes"]
         if len(states) != jax.process_count():
             raise ValueError(
@@ -405,8 +503,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                 "resume with the same number of hosts"
             )
         train_it.set_state(states[jax.process_index()])
-        start_step = latest
-        logging.info("resumed from step %d in %s", latest, ckpt_dir)
+        logging.info("resumed from step %d in %s", start_step, ckpt_dir)
     elif primary:
         os.makedirs(workdir, exist_ok=True)
         config_path = os.path.join(workdir, "config.json")
@@ -420,8 +517,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         make_eval_step(graphdef, mesh=mesh, chunk_size=chunk), in_shardings=(state_shardings, batch_shard)
     )
 
-    writer = MetricsWriter(workdir, enabled=primary)
+    # Rows past the restored step describe steps that are about to be redone: drop them.
+    writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
     bar = ProgressBar(cfg.train.steps, initial_step=start_step, enabled=primary)
+    if writer.dropped_rows:
+        bar.write(
+            f"metrics.jsonl: dropped {writer.dropped_rows} rows past step {start_step} (they are redone)"
+        )
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     # Model FLOPs utilisation: achieved model TFLOP/s per device, and MFU against the device kind's
     # published peak where mile.flops knows it (accelerators; not the CPU).
@@ -503,26 +605,36 @@ def load_trained_model(workdir: str, *, step: int | None = None, mesh=None):
     """(model, config, step) restored from a workdir's checkpoint (default: the latest).
 
     The config is the one saved with the checkpoint, so the model is rebuilt exactly as trained.
+    Read-only: a missing step or one that fails its integrity check is a ValueError naming the
+    steps there are (no fallback here: results must be labelled with the step they came from).
     """
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
-    with Checkpointer(ckpt_dir, max_to_keep=1000, async_save=False) as checkpointer:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
+    with Checkpointer(ckpt_dir, max_to_keep=None, read_only=True) as checkpointer:
+        steps = checkpointer.finalized_steps()
+        if not steps:
             raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
-        cfg = ml_collections.ConfigDict(checkpointer.saved_config(step))
-        cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
-        if mesh is None:
-            mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-        rules = cfg.sharding_rules
-        tx = make_optimizer(cfg.optim, cfg.train.steps)
+        step = steps[-1] if step is None else int(step)
+        others = ", ".join(str(s) for s in checkpointer.all_steps() if s != step)
+        hint = f"; pass --step with one of {others}" if others else "; there is no other complete checkpoint"
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {workdir}{hint}")
+        try:
+            cfg = ml_collections.ConfigDict(checkpointer.saved_config(step))
+            cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
+            if mesh is None:
+                mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+            rules = cfg.sharding_rules
+            tx = make_optimizer(cfg.optim, cfg.train.steps)
 
-        def build():
-            model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
-            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+            def build():
+                model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+                return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-        graphdef, abstract = msharding.abstract_sharded(build, mesh, rules)
-        state, _ = checkpointer.restore(step, abstract)
+            graphdef, abstract = msharding.abstract_sharded(build, mesh, rules)
+            state, _ = checkpointer.restore(step, abstract)
+        except CorruptCheckpointError as e:
+            raise ValueError(f"{e}{hint}") from None
     model, _ = nnx.merge(graphdef, state)
     return model, cfg, step

@@ -31,7 +31,9 @@ def reference_loss(logits, labels, mask, *, loss, gamma=1.0, sigma=1.0, normaliz
         raise ValueError(loss)
 
     numerator = np.sum(m * w * nll)
-    if paper:
+    # The reference code's CE baseline is torch's CrossEntropyLoss(ignore_index=...): the mean over
+    # non-ignored positions. Only its reweighted losses (focal, MiLe) divide by all positions.
+    if paper and loss != "ce":
         # alpha = 1 / mean(w) over all positions; the final mean also runs over all positions.
         n = len(nll)
         alpha = 1.0 / np.mean(w)

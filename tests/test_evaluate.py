@@ -337,13 +337,53 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.jsonl:1" in err and err.count("\n") == 1
     assert E.main(["--workdir", str(tmp_path / "missing")]) == 2
+    # A step that does not exist: one line naming the steps there are (was a FileNotFoundError).
+    capsys.readouterr()
+    assert E.main(["--workdir", str(workdir), "--step", "4", "--out", str(tmp_path / "z.json")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: no checkpoint for step 4 in {workdir}; pass --step with one of 2\n"
+    )
+    from mile import export
+
+    assert export.main(["--workdir", str(workdir), "--step", "99", "--out", str(tmp_path / "hf")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: no checkpoint for step 99 in {workdir}; pass --step with one of 2\n"
+    )
     assert (
         E.main(["--workdir", str(workdir), "--cut-points", "0.9,0.5", "--out", str(tmp_path / "y.json")]) == 2
     )
     assert not os.path.exists(tmp_path / "x.json")
 
 
-def test_cli_closed_book_qa(trained, tmp_path, capsys):
+def test_cli_skips_partial_and_refuses_corrupt_checkpoints(trained, tmp_path, capsys):
+    """A step directory half-deleted by a kill is not a step; a damaged one is one error line."""
+    import shutil
+
+    _, _, workdir = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    shutil.copytree(copy / "checkpoints" / "2", copy / "checkpoints" / "1")
+    os.remove(copy / "checkpoints" / "1" / "_CHECKPOINT_METADATA")  # as orbax's deleter leaves it
+    shutil.rmtree(copy / "checkpoints" / "1" / "state")
+    out = str(tmp_path / "out.json")
+    assert E.main(["--workdir", str(copy), "--step", "1", "--out", out]) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint step 1 in {copy / 'checkpoints'} is incomplete (no _CHECKPOINT_METADATA, state/); "
+        "pass --step with one of 2\n"
+    )
+    meta = copy / "checkpoints" / "2" / "data_state" / "metadata"
+    meta.write_text(meta.read_text().replace('"processes"', '"processeS"'))
+    assert E.main(["--workdir", str(copy), "--out", out]) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint step 2 in {copy / 'checkpoints'} failed its integrity check (data_state differs "
+        "from its checksum); there is no other complete checkpoint\n"
+    )
+    assert not os.path.exists(out)
+
+
+def test_cli_closed_book_qa(trained, tmp_path, capsys, monkeypatch):
     _, _, workdir = trained
     qa = tmp_path / "toy_qa.jsonl"
     qa.write_text(json.dumps({"question": "Who went up?", "answers": ["moses"]}) + "\n")
@@ -352,6 +392,20 @@ def test_cli_closed_book_qa(trained, tmp_path, capsys):
     assert E.main(argv) == 0
     result = json.loads(out.read_text())["qa"]["toy_qa"]
     assert result["n"] == 1 and result["em"] in (0.0, 1.0) and len(result["predictions"]) == 1
+
+    # The README's k-shot command: shots come from the task's other questions (it used to fail
+    # with "k_shot=5 needs shots_pool").
+    from mile import qa as mqa
+
+    questions = [{"question": f"Who went up {i}?", "answers": [f"moses {i}"]} for i in range(4)]
+    qa.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    seen = []
+    real = mqa.build_prompts
+    monkeypatch.setattr(mqa, "build_prompts", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    assert E.main(argv + ["--k-shot", "2", "--seed", "3", "--overwrite"]) == 0
+    assert seen == [real(questions, k_shot=2, seed=3)]
+    assert all(p.count("Q: ") == 3 for p in seen[0])
+    assert json.loads(out.read_text())["qa"]["toy_qa"]["n"] == 4
 
     qa.write_text(json.dumps({"question": "Who went up?"}) + "\n")  # no answers
     assert E.main(argv + ["--overwrite"]) == 2

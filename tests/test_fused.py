@@ -122,7 +122,13 @@ def test_fused_sharded_batch_equals_single_device(per_shard):
 def test_batch_axes_need_a_mesh():
     hidden, unembed, labels, mask = _inputs(seed=61)
     with pytest.raises(ValueError, match="batch_axes"):
-        fused_loss(hidden, unembed, labels, mask, batch_axes=("data",))
+        fused_loss(hidden, unembed, labels, mask, loss="ce", batch_axes=("data",))
+
+
+def test_loss_must_be_named():
+    hidden, unembed, labels, mask = _inputs(seed=62)
+    with pytest.raises(TypeError, match="required keyword-only argument: 'loss'"):
+        fused_loss(hidden, unembed, labels, mask)
 
 
 def test_fused_never_holds_the_full_logits():
@@ -137,7 +143,7 @@ def test_fused_never_holds_the_full_logits():
         step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
         return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    fused = temp_bytes(lambda h, w, y: fused_loss(h, w, y, chunk_size=512)[0])
+    fused = temp_bytes(lambda h, w, y: fused_loss(h, w, y, loss="mile", chunk_size=512)[0])
     logits_bytes = n * v * 4
     assert fused < logits_bytes / 4, (fused, logits_bytes)
 
@@ -165,7 +171,7 @@ def test_default_chunk_size():
 )
 def test_fused_bad_input(kwargs, match):
     hidden, unembed, labels, mask = _inputs(seed=53)
-    args = {"hidden": hidden, "unembedding": unembed, "labels": labels, "mask": mask}
+    args = {"hidden": hidden, "unembedding": unembed, "labels": labels, "mask": mask, "loss": "mile"}
     hp = {k: kwargs.pop(k) for k in list(kwargs) if k not in args}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):

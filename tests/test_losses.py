@@ -65,16 +65,56 @@ def test_paper_mode_differs_from_global_when_masked():
     assert abs(float(g) - float(p)) > 1e-3  # masked positions enter the paper normaliser
 
 
+def test_paper_ce_is_the_mean_over_non_ignored_positions():
+    """The reference code's CE baseline is torch's CrossEntropyLoss with ignore_index: the mean
+    of -log p(label) over the positions not ignored (hand-written here in float64)."""
+    logits, labels, mask = _inputs(seed=4)
+    z = logits.astype(np.float64)
+    log_p = z - z.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, np.where(mask, labels, 0)[..., None], -1)[..., 0]
+    want = nll[mask].mean()
+    assert mask.sum() < mask.size  # some positions are ignored, so dividing by all would differ
+    got, aux = L.cross_entropy_loss(logits, labels, mask, normalization="paper")
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    assert float(aux["denominator"]) == mask.sum()
+
+
+def test_loss_spec_equality_includes_the_weight_rule():
+    double = lambda nll, entropy: 2.0 * jnp.ones_like(nll)  # noqa: E731
+    triple = lambda nll, entropy: 3.0 * jnp.ones_like(nll)  # noqa: E731
+    a = L.LossSpec("custom", double, "paper", {"k": 1.0})
+    b = L.LossSpec("custom", triple, "paper", {"k": 1.0})
+    assert a != b and hash(a) != hash(b)
+    assert a == L.LossSpec("custom", double, "paper", {"k": 1.0})
+    # Bound hyperparameters are part of the rule: equal specs from get_loss, different gammas not.
+    assert L.get_loss("mile", gamma=0.5) == L.get_loss("mile", gamma=0.5)
+    assert hash(L.get_loss("mile", gamma=0.5)) == hash(L.get_loss("mile", gamma=0.5))
+    assert L.get_loss("mile", gamma=0.5) != L.get_loss("mile", gamma=1.0)
+    # A jit cache keyed on the spec (a static argument) must not reuse the other rule's trace.
+    logits, labels, _ = _inputs(seed=5)
+    labels = np.abs(labels) % logits.shape[-1]
+    weight_mean = jax.jit(lambda spec, z: L.apply_loss(spec, z, labels)[1]["weight_mean"], static_argnums=0)
+    assert float(weight_mean(a, logits)) == 2.0 and float(weight_mean(b, logits)) == 3.0
+
+
 @pytest.mark.parametrize("loss", ["focal", "mile"])
 @pytest.mark.parametrize("norm", ["global", "paper"])
 def test_gamma_zero_is_exactly_cross_entropy(loss, norm):
+    """gamma = 0 makes focal and MiLe CE. In paper mode the reference's reweighted path still
+    divides by every position, ignored ones included, so there it is CE x (kept / all positions)."""
     logits, labels, mask = _inputs(seed=5)
     fn = LOSS_FNS[loss]
     ce = jax.value_and_grad(lambda z: L.cross_entropy_loss(z, labels, mask, normalization=norm)[0])
     other = jax.value_and_grad(lambda z: fn(z, labels, mask, gamma=0.0, normalization=norm)[0])
     (v_ce, g_ce), (v, g) = ce(logits), other(logits)
-    assert float(v) == float(v_ce)
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ce))
+    if norm == "global":
+        assert float(v) == float(v_ce)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ce))
+    else:
+        kept = mask.sum() / mask.size
+        np.testing.assert_allclose(float(v), float(v_ce) * kept, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ce) * kept, rtol=1e-5, atol=1e-9)
 
 
 def test_cross_entropy_matches_optax_on_valid_positions():

@@ -85,10 +85,28 @@ def test_k_shot_prompts_deterministic():
         assert all(b.startswith("Q: pool question ") for b in blocks[:3])
         assert len(set(blocks[:3])) == 3  # shots drawn without replacement
     assert qa.build_prompts(EXAMPLES, k_shot=0) == [f"Q: {e['question']}\nA:" for e in EXAMPLES]
-    with pytest.raises(ValueError, match="shots_pool"):
-        qa.build_prompts(EXAMPLES, k_shot=2)
-    with pytest.raises(ValueError, match="k_shot"):
+    with pytest.raises(ValueError, match="k_shot=11 needs at least 11 shot examples, the shot pool has 10"):
         qa.build_prompts(EXAMPLES, k_shot=11, shots_pool=POOL)
+    with pytest.raises(ValueError, match="k_shot=5 needs .* the task's other examples has 4"):
+        qa.build_prompts(EXAMPLES, k_shot=5)
+
+
+def test_k_shot_without_a_pool_uses_the_multiple_choice_rule():
+    """No pool: each question's shots are other questions of the task, chosen exactly as multiple
+    choice chooses them (same seed and example index -> the same other examples)."""
+    from mile.evaluate import few_shot_prefix
+
+    prompts = qa.build_prompts(EXAMPLES, k_shot=2, seed=5)
+    # The task as multiple choice, worded so an MC shot renders exactly as a QA shot.
+    mc = [
+        {"context": f"Q: {e['question']}\nA:", "choices": [f" {e['answers'][0]}"], "gold": 0}
+        for e in EXAMPLES
+    ]
+    for i, (prompt, ex) in enumerate(zip(prompts, EXAMPLES)):
+        assert prompt == few_shot_prefix(mc, i, 2, seed=5) + f"Q: {ex['question']}\nA:"
+        shots = prompt.split("\n\n")[:-1]
+        assert len(shots) == 2 and not any(ex["question"] in shot for shot in shots)
+    assert prompts != qa.build_prompts(EXAMPLES, k_shot=2, seed=6)
 
 
 def test_converters(tmp_path):

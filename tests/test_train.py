@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -192,6 +194,17 @@ def test_tiny_model_overfits_short_text(tmp_path):
         ({"data.vocab_size": 600}, "larger than model.vocab_size"),
         ({"data.seq_len": 64}, "exceeds model.max_seq_len"),
         ({"data.text_files": ["/nonexistent/corpus.txt"]}, "corpus"),
+        ({"train.steps": 0}, r"train.steps=0 must be a whole number >= 1; pass --config.train.steps=N"),
+        ({"train.checkpoint_every": 0}, r"train.checkpoint_every=0 must be a whole number >= 1"),
+        ({"train.eval_every": -5}, r"train.eval_every=-5 must be a whole number >= 1"),
+        ({"train.log_every": 0}, r"train.log_every=0 must be a whole number >= 1"),
+        ({"train.keep_checkpoints": 0}, r"train.keep_checkpoints=0 .*\(0 would delete every checkpoint\)"),
+        ({"data.global_batch_size": 0}, r"data.global_batch_size=0 must be a whole number >= 1"),
+        ({"optim.learning_rate": -3e-4}, r"optim.learning_rate=-0.0003 must be a finite number >= 0; set"),
+        ({"optim.learning_rate": float("nan")}, r"optim.learning_rate=nan must be a finite number >= 0"),
+        ({"optim.learning_rate": float("inf")}, r"optim.learning_rate=inf must be a finite number >= 0"),
+        ({"optim.warmup_steps": -1}, r"optim.warmup_steps=-1 must be a whole number >= 0"),
+        ({"optim.b2": 1.0}, r"optim.b2=1.0 must be a finite number >= 0 and < 1"),
     ],
 )
 def test_bad_config_fails_before_touching_workdir(tmp_path, overrides, match):
@@ -209,7 +222,102 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
     other = tiny_config(tmp_path, **{"train.steps": 2, "model.num_layers": 3})
     with pytest.raises(ValueError, match="model.num_layers: checkpoint has 2, config has 3"):
         _train(other, tmp_path / "wd")
+    # keep_checkpoints=0 on a trained workdir used to exit 0 having deleted every checkpoint.
+    keep_none = tiny_config(tmp_path, **{"train.steps": 4, "train.keep_checkpoints": 0})
+    with pytest.raises(ValueError, match="keep_checkpoints=0"):
+        _train(keep_none, tmp_path / "wd")
     assert sorted(os.listdir(tmp_path / "wd" / "checkpoints")) == before
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    for workdir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match="pass a directory"):
+            _train(cfg, workdir)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def _flip_a_bit_in_state(checkpoint_dir):
+    """One bit flipped in the middle of every OCDBT data file of the state item. (Orbax keeps both
+    the per-process files and the merged ones; a restore reads only some of them, and a flipped
+    bit in bytes never read cannot affect training.)"""
+    for r, _, files in os.walk(os.path.join(checkpoint_dir, "state")):
+        for name in files if os.path.basename(r) == "d" else ():
+            data = bytearray(open(os.path.join(r, name), "rb").read())
+            data[len(data) // 2] ^= 0x04
+            open(os.path.join(r, name), "wb").write(bytes(data))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd):
+    """A flipped bit in the newest checkpoint: one warning, the damaged step is moved aside (not
+    deleted), training redoes the lost steps from the previous verified checkpoint, and ends with
+    the very state the undamaged checkpoint held; metrics.jsonl lists each step once."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
+    wd = tmp_path / "wd"
+    _train(cfg, wd)
+    shutil.copytree(wd / "checkpoints", tmp_path / "pristine")
+    _flip_a_bit_in_state(wd / "checkpoints" / "4")
+    capfd.readouterr()
+    _train(cfg, wd)
+    err = capfd.readouterr().err
+    # The flip lands in compressed data: the read fails, or a value (and so its checksum) changes.
+    assert re.search(
+        f"warning: checkpoint step 4 in {re.escape(str(wd / 'checkpoints'))} "
+        r"(cannot be read \(DATA_LOSS|failed its integrity check \(checksum of)",
+        err,
+    ), err
+    assert f"resuming from step 2 instead (moved it to {wd / 'corrupt_checkpoints' / '4'})" in err
+    assert sorted(os.listdir(wd / "corrupt_checkpoints")) == ["4"]
+
+    mesh = msharding.make_mesh(cfg.mesh)
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    _, _, build = T.build_state(cfg, mesh, rules)
+    _, abstract = msharding.abstract_sharded(build, mesh, rules)
+    with Checkpointer(str(wd / "checkpoints"), max_to_keep=None, read_only=True) as ck:
+        redone, _ = ck.restore(4, abstract)
+    with Checkpointer(str(tmp_path / "pristine"), max_to_keep=None, read_only=True) as ck:
+        original, _ = ck.restore(4, abstract)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), redone, original)
+    assert [r["step"] for r in _metrics(wd) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def _tb_purge_steps(tb_dir):
+    """Steps of the TensorBoard purge markers (SessionLog START events) in every event file."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    found = []
+    for name in sorted(os.listdir(tb_dir)):
+        data, pos = open(os.path.join(tb_dir, name), "rb").read(), 0
+        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 16 + n
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                found.append(event.step)
+    return found
+
+
+def test_resume_drops_metrics_past_the_restored_step(tmp_path):
+    """Killed after logging steps past the last checkpoint (here: the final checkpoint removed), a
+    restart redoes those steps; metrics.jsonl keeps one row per step, equal to the first run's."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3})
+    wd = tmp_path / "wd"
+    _train(cfg, wd)
+    first = _metrics(wd)
+    shutil.rmtree(wd / "checkpoints" / "6")
+    with open(wd / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # a line torn by the kill
+    _train(cfg, wd)
+    again = _metrics(wd)
+    assert [(r["step"], sorted(r)) for r in again] == [(r["step"], sorted(r)) for r in first]
+    assert [r["step"] for r in again if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in again if "eval/ce" in r] == [3, 6]
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows]
+    assert timeless(again) == timeless(first)  # the redone steps are bit-identical
+    assert _tb_purge_steps(wd / "tb") == [1, 4]  # fresh start, then the resume at step 3
 
 
 def test_nonfinite_update_leaves_the_state_unchanged(tmp_path):
@@ -231,7 +339,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             "train.steps": 10,
             "train.checkpoint_every": 2,
             "train.max_nonfinite_steps": 2,
-            "optim.learning_rate": float("inf"),
+            # finite, so the config is accepted, but the first update overflows the model
+            "optim.learning_rate": 1e38,
         },
     )
     blowup.train.eval_every = 100
@@ -265,6 +374,8 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     from train_helpers import write_corpus
 
     corpus = write_corpus(tmp_path)
+    syntax_error = tmp_path / "broken_config.py"
+    syntax_error.write_text("def get_config(:\n")
     common = [
         f"--config.data.text_files={corpus}",
         "--config.data.source=text",
@@ -287,12 +398,43 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
         ("--config.loss.name=mse", "unknown loss 'mse'"),
         ("--config.loss.nmae=ce", 'unknown config key in --config.loss.nmae (did you mean "name"?)'),
         ("--config.loss.gamma=-0.5", "gamma must be a finite number >= 0"),
+        (
+            "--config.train.keep_checkpoints=0",
+            "error: train.keep_checkpoints=0 must be a whole number >= 1 (0 would delete every checkpoint); "
+            "pass --config.train.keep_checkpoints=N with N >= 1",
+        ),
+        (
+            "--config.train.checkpoint_every=0",
+            "error: train.checkpoint_every=0 must be a whole number >= 1; "
+            "pass --config.train.checkpoint_every=N with N >= 1",
+        ),
+        (
+            f"--config={tmp_path / 'nope.py'}",
+            f"error: cannot load config file {tmp_path / 'nope.py'}: No such file or directory: "
+            f"'{tmp_path / 'nope.py'}'; pass an existing file, e.g. --config configs/cpu.py",
+        ),
+        (
+            f"--config={syntax_error}",
+            f"error: config file {syntax_error} has a syntax error at line 1: invalid syntax; fix the file",
+        ),
     ):
         bad = _launch(tmp_path, f"--workdir={wd}", flag, *common)
         assert bad.returncode == 2, bad.stderr
         assert bad.stderr.strip().startswith("error: ") and message in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr  # one line, no traceback
     assert (sorted(os.listdir(wd / "checkpoints")), (wd / "metrics.jsonl").read_text()) == before
+    bad = _launch(tmp_path, f"--workdir={corpus}", *common)
+    assert bad.returncode == 2 and bad.stderr == (
+        f"error: {corpus} is a file, not a directory; pass a directory as --workdir\n"
+    )
+
+    # A damaged newest checkpoint: one warning line, and the run redoes step 6 from step 5.
+    _flip_a_bit_in_state(wd / "checkpoints" / "6")
+    run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=6", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.startswith(f"warning: checkpoint step 6 in {wd / 'checkpoints'} "), run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr  # that line only: no traceback, no asyncio noise
+    assert [r["step"] for r in _metrics(wd) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

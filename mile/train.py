@@ -21,6 +21,7 @@ from flax import nnx
 
 from mile import data as mdata
 from mile import losses as L
+from mile import multihost
 from mile import sharding as msharding
 from mile.checkpoint import Checkpointer, config_mismatch
 from mile.fused import fused_loss_terms
@@ -69,9 +70,10 @@ def check_config(cfg, mesh) -> L.LossSpec:
             f"data.global_batch_size={d.global_batch_size} cannot be split into optim.num_microbatches={k} "
             f"micro-batches over {dp} data-parallel shards; use a multiple of {dp * k}"
         )
-    if d.global_batch_size % jax.process_count():
+    if d.shards < 0 or d.global_batch_size % (d.shards or jax.process_count()):
         raise ValueError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by the {jax.process_count()} processes"
+            f"data.global_batch_size={d.global_batch_size} cannot be split into data.shards={d.shards} "
+            f"streams ({jax.process_count()} processes if 0); set --config.data.shards to a divisor of it"
         )
     if cfg.train.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
@@ -121,14 +123,20 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     )
 
 
-def build_state(cfg, mesh, rules):
-    """(graphdef, sharded state) of model + optimiser, created directly with target shardings."""
+def state_builder(cfg):
+    """A function that builds (model, optimiser) for `cfg` (run it sharded, or abstractly)."""
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
     def build():
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+    return build
+
+
+def build_state(cfg, mesh, rules):
+    """(graphdef, sharded state) of model + optimiser, created directly with target shardings."""
+    build = state_builder(cfg)
     model, optimizer = msharding.create_sharded(build, mesh, rules)
     graphdef, state = nnx.split((model, optimizer))
     return graphdef, state, build
@@ -241,29 +249,9 @@ def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
     return step
 
 
-# ---------------------------------------------------------------------------------------------
-# Multi-process helpers.
-# ---------------------------------------------------------------------------------------------
-
-
 def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     """A global array from each process's rows (every process passes its own slice)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def gather_data_states(state: dict) -> list[dict]:
-    """Every process's iterator state (JSON), gathered so the primary can save them all."""
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-
-    raw = json.dumps(state).encode()
-    buf = np.zeros(4096, np.uint8)
-    if len(raw) > len(buf):
-        raise TrainingError(f"data iterator state is {len(raw)} bytes; at most {len(buf)} supported")
-    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,19 +263,32 @@ def _to_float(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
-    it = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
+def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches: int | None = None):
+    """Global train batches (or, with eval_batches, a fresh validation pass) from the data streams."""
+
+    def open_stream(s):
+        common = dict(
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.data.global_batch_size,
+            process_index=s,
+            process_count=num_streams,
+        )
+        if eval_batches is None:
+            return mdata.train_iterator(cfg.data, prepared, **common)
+        return mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches, **common)
+
+    return multihost.StreamBatches(
+        open_stream,
+        num_streams=num_streams,
+        sharding=batch_shard,
         global_batch_size=cfg.data.global_batch_size,
-        num_batches=cfg.train.eval_batches,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
+
+
+def evaluate(eval_step, state, cfg, prepared, batch_shard, num_streams: int) -> dict[str, float]:
     total = None
-    for local in it:
-        terms = eval_step(state, global_batch(local, batch_shard))
+    for batch in stream_batches(cfg, prepared, batch_shard, num_streams, eval_batches=cfg.train.eval_batches):
+        terms = eval_step(state, batch)
         total = terms if total is None else L.combine_terms(total, terms)
     _, aux = L.finalize_terms(total)
     ce = float(aux["nll"])
@@ -330,7 +331,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                 "use a new --workdir or restore the old setting"
             )
 
-    prepared = mdata.prepare(cfg.data)
+    # Process 0 builds the data caches; the others wait, then read them (a shared filesystem
+    # would otherwise see every host write the same files at once).
+    prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
     if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
@@ -342,28 +345,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     graphdef, state, build = build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
-    train_it = mdata.train_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    start_step = 0
+    start_step, stream_states = 0, None
     if latest is not None:
         _, abstract = msharding.abstract_sharded(build, mesh, rules)
         state, data_state = checkpointer.restore(latest, abstract)
-        states = data_state["processes"]
-        if len(states) != jax.process_count():
-            raise ValueError(
-                f"checkpoint was written by {len(states)} processes but this run has {jax.process_count()}; "
-                "resume with the same number of hosts"
-            )
-        train_it.set_state(states[jax.process_index()])
+        stream_states = data_state["streams"]
         start_step = latest
         logging.info("resumed from step %d in %s", latest, ckpt_dir)
-    elif primary:
+    num_streams = multihost.resolve_num_streams(cfg.data.shards, jax.process_count(), stream_states)
+    train_it = stream_batches(cfg, prepared, batch_shard, num_streams)
+    if stream_states is not None:
+        train_it.set_state(stream_states)
+    if jax.process_count() > 1:
+        shared = (
+            "" if train_it.whole else " (shared with other processes: more shards would avoid re-reading)"
+        )
+        print(
+            f"process {jax.process_index()}: data streams {train_it.streams} of {num_streams}{shared}",
+            flush=True,
+        )
+    if latest is None and primary:
         os.makedirs(workdir, exist_ok=True)
         config_path = os.path.join(workdir, "config.json")
         if not os.path.exists(config_path):
@@ -394,8 +395,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
 
     def save(step):
-        states = gather_data_states(train_it.get_state())
-        checkpointer.save(step, state, data_state={"processes": states}, config=config_dict)
+        checkpointer.save(step, state, data_state={"streams": train_it.get_state()}, config=config_dict)
 
     nonfinite = 0
     last: dict[str, float] = {}
@@ -432,7 +432,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     try:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, last_step + 1):
-                batch = global_batch(next(train_it), batch_shard)
+                batch = next(train_it)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     consume(*pending)
@@ -445,7 +445,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                     consume(*pending)
                     pending = None
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    ev = evaluate(eval_fn, state, cfg, prepared, batch_shard)
+                    ev = evaluate(eval_fn, state, cfg, prepared, batch_shard, num_streams)
                     writer.write(step, ev, prefix="eval")
                     bar.write(f"step {step}: validation CE {ev['ce']:.4f}, perplexity {ev['perplexity']:.2f}")
                     last.update({f"eval_{k}": v for k, v in ev.items()})

@@ -5,6 +5,9 @@
 
 Run the same command again to resume from the workdir's latest checkpoint. On a TPU pod or GPU
 cluster run the same command on every host (jax.distributed is initialised when multi-process).
+Without a cluster manager, tell each process where the others are (README: Multi-host):
+
+    python launch.py ... --coordinator_address=host0:12355 --num_processes=2 --process_id=0
 """
 
 import re

@@ -93,3 +93,24 @@ def test_shards_must_divide_the_batch(tmp_path):
     cfg = tiny_config(tmp_path, **{"data.shards": 3})
     with pytest.raises(ValueError, match="cannot be split into data.shards=3"):
         T.check_config(cfg, msharding.make_mesh(cfg.mesh))
+
+
+@pytest.mark.parametrize(
+    "env,kwargs,match",
+    [
+        ({"JAX_NUM_PROCESSES": "2"}, {}, "missing --coordinator_address, --process_id$"),
+        ({"JAX_PROCESS_ID": "1", "JAX_COORDINATOR_ADDRESS": "h:1"}, {}, "missing --num_processes$"),
+        ({}, {"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"}, "must be in \\[0, "),
+        ({"JAX_NUM_PROCESSES": "two"}, {}, "JAX_NUM_PROCESSES='two' is not an integer"),
+        ({}, {"mode": "maybe"}, "must be 'auto', 'yes' or 'no'"),
+    ],
+)
+def test_incomplete_process_descriptions_are_refused(monkeypatch, env, kwargs, match):
+    from mile import distributed
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(**kwargs)

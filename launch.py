@@ -5,9 +5,11 @@
 
 Run the same command again to resume from the workdir's latest checkpoint. On a TPU pod or GPU
 cluster run the same command on every host (jax.distributed is initialised when multi-process).
+Without a cluster manager, tell each process where the others are (README: Multi-host):
+
+    python launch.py ... --coordinator_address=host0:12355 --num_processes=2 --process_id=0
 """
 
-import os
 import re
 import sys
 
@@ -16,26 +18,13 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Run configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Checkpoints, metrics and config go here.")
-
-
-def _maybe_initialize_distributed(mode: str) -> None:
-    import jax
-
-    if mode == "no":
-        return
-    cluster_env = any(
-        k in os.environ
-        for k in (
-            "JAX_COORDINATOR_ADDRESS",
-            "COORDINATOR_ADDRESS",
-            "SLURM_NTASKS",
-            "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS",
-        )
-    )
-    if mode == "yes" or cluster_env:
-        jax.distributed.initialize()
+# Several processes without a cluster manager (see mile.distributed); default: the JAX_* variables.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, from 0 (JAX_PROCESS_ID).")
+_JOIN_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes.")
 
 
 def _config_file_error(e: BaseException) -> None:
@@ -67,7 +56,15 @@ def main(argv):
     # Orbax and TFDS log every file they touch at INFO; keep the console to our own lines.
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    _maybe_initialize_distributed(cfg.train.distributed)
+    from mile import distributed
+
+    distributed.initialize(
+        cfg.train.distributed,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        timeout_s=_JOIN_TIMEOUT.value,
+    )
     import jax
 
     from mile import train

@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
             read_threads=0,
             seq_len=256,
             global_batch_size=16,  # sequences per optimiser update, over all processes
+            # Disjoint document streams, each filling its own rows of every batch (mile.multihost);
+            # 0 = one per process. Fix it to get the same batches under any process count.
+            shards=0,
         )
     )
 

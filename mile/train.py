@@ -23,6 +23,7 @@ from flax import nnx
 from mile import data as mdata
 from mile import flops as mflops
 from mile import losses as L
+from mile import multihost
 from mile import sharding as msharding
 from mile.checkpoint import (
     Checkpointer,
@@ -126,9 +127,10 @@ def check_config(cfg, mesh) -> L.LossSpec:
             f"data.global_batch_size={d.global_batch_size} cannot be split into optim.num_microbatches={k} "
             f"micro-batches over {dp} data-parallel shards; use a multiple of {dp * k}"
         )
-    if d.global_batch_size % jax.process_count():
+    if d.shards < 0 or d.global_batch_size % (d.shards or jax.process_count()):
         raise ValueError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by the {jax.process_count()} processes"
+            f"data.global_batch_size={d.global_batch_size} cannot be split into data.shards={d.shards} "
+            f"streams ({jax.process_count()} processes if 0); set --config.data.shards to a divisor of it"
         )
     if cfg.loss.head not in LOSS_HEADS:
         raise ValueError(f"loss.head={cfg.loss.head!r}; use one of {', '.join(LOSS_HEADS)}")
@@ -179,7 +181,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def state_builder(cfg):
-    """A function that builds the (model, optimiser) pair of a run: for sharded or abstract creation."""
+    """A function that builds (model, optimiser) for `cfg` (run it sharded, or abstractly)."""
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
     def build():
@@ -339,29 +341,9 @@ def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
     return step
 
 
-# ---------------------------------------------------------------------------------------------
-# Multi-process helpers.
-# ---------------------------------------------------------------------------------------------
-
-
 def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     """A global array from each process's rows (every process passes its own slice)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def gather_data_states(state: dict) -> list[dict]:
-    """Every process's iterator state (JSON), gathered so the primary can save them all."""
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-
-    raw = json.dumps(state).encode()
-    buf = np.zeros(4096, np.uint8)
-    if len(raw) > len(buf):
-        raise TrainingError(f"data iterator state is {len(raw)} bytes; at most {len(buf)} supported")
-    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,19 +355,32 @@ def _to_float(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step, state, cfg, prepared, batch_shard) -> dict[str, float]:
-    it = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
+def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches: int | None = None):
+    """Global train batches (or, with eval_batches, a fresh validation pass) from the data streams."""
+
+    def open_stream(s):
+        common = dict(
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.data.global_batch_size,
+            process_index=s,
+            process_count=num_streams,
+        )
+        if eval_batches is None:
+            return mdata.train_iterator(cfg.data, prepared, **common)
+        return mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches, **common)
+
+    return multihost.StreamBatches(
+        open_stream,
+        num_streams=num_streams,
+        sharding=batch_shard,
         global_batch_size=cfg.data.global_batch_size,
-        num_batches=cfg.train.eval_batches,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
+
+
+def evaluate(eval_step, state, cfg, prepared, batch_shard, num_streams: int) -> dict[str, float]:
     total = None
-    for local in it:
-        terms = eval_step(state, global_batch(local, batch_shard))
+    for batch in stream_batches(cfg, prepared, batch_shard, num_streams, eval_batches=cfg.train.eval_batches):
+        terms = eval_step(state, batch)
         total = terms if total is None else L.combine_terms(total, terms)
     _, aux = L.finalize_terms(total)
     ce = float(aux["nll"])
@@ -470,7 +465,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                 "use a new --workdir or restore the old setting"
             )
 
-    prepared = mdata.prepare(cfg.data)
+    # Process 0 builds the data caches; the others wait, then read them (a shared filesystem
+    # would otherwise see every host write the same files at once).
+    prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
     if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
@@ -487,24 +484,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
-    train_it = mdata.train_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    if data_state is not None:
-        states = data_state["processes"]
-        if len(states) != jax.process_count():
-            raise ValueError(
-                f"checkpoint was written by {len(states)} processes but this run has {jax.process_count()}; "
-                "resume with the same number of hosts"
-            )
-        train_it.set_state(states[jax.process_index()])
+    stream_states = data_state["streams"] if data_state is not None else None
+    num_streams = multihost.resolve_num_streams(cfg.data.shards, jax.process_count(), stream_states)
+    train_it = stream_batches(cfg, prepared, batch_shard, num_streams)
+    if stream_states is not None:
+        train_it.set_state(stream_states)
         logging.info("resumed from step %d in %s", start_step, ckpt_dir)
-    elif primary:
+    if jax.process_count() > 1:
+        shared = (
+            "" if train_it.whole else " (shared with other processes: more shards would avoid re-reading)"
+        )
+        print(
+            f"process {jax.process_index()}: data streams {train_it.streams} of {num_streams}{shared}",
+            flush=True,
+        )
+    if data_state is None and primary:
         os.makedirs(workdir, exist_ok=True)
         config_path = os.path.join(workdir, "config.json")
         if not os.path.exists(config_path):
@@ -531,8 +525,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     chip = mflops.chip_for_device_kind(jax.devices()[0].device_kind)
 
     def save(step):
-        states = gather_data_states(train_it.get_state())
-        checkpointer.save(step, state, data_state={"processes": states}, config=config_dict)
+        checkpointer.save(step, state, data_state={"streams": train_it.get_state()}, config=config_dict)
 
     nonfinite = 0
     last: dict[str, float] = {}
@@ -572,7 +565,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     try:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, last_step + 1):
-                batch = global_batch(next(train_it), batch_shard)
+                batch = next(train_it)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     consume(*pending)
@@ -585,7 +578,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                     consume(*pending)
                     pending = None
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    ev = evaluate(eval_fn, state, cfg, prepared, batch_shard)
+                    ev = evaluate(eval_fn, state, cfg, prepared, batch_shard, num_streams)
                     writer.write(step, ev, prefix="eval")
                     bar.write(f"step {step}: validation CE {ev['ce']:.4f}, perplexity {ev['perplexity']:.2f}")
                     last.update({f"eval_{k}": v for k, v in ev.items()})

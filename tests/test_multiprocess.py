@@ -1,0 +1,232 @@
+"""launch.py as 2 processes x 4 CPU devices (jax.distributed over gloo, localhost) against the
+same config in one process with 8 devices: same batches, same losses and parameters; metrics
+once; SIGKILL of both processes and a restart ends bit-identical; a different process count
+resumes. Every subprocess wait is bounded (see multiprocess_helpers)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mile import data as mdata
+from mile import sharding as msharding
+from mile import train as T
+from mile.checkpoint import Checkpointer
+from multiprocess_helpers import REPO, Job
+from train_helpers import tiny_config
+
+STEPS = 16
+# Checkpoints every 4 steps; evaluation only after the last step (it still runs once).
+OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": 4, "train.eval_every": 1000}
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A corpus with its dataset and tokenizer already cached, so the jobs only read them."""
+    root = tmp_path_factory.mktemp("mp")
+    mdata.prepare(tiny_config(root, **OVERRIDES).data)
+    return root
+
+
+def _config(root, **more):
+    return tiny_config(root, **OVERRIDES, **more)
+
+
+def _launch_argv(root, workdir):
+    cfg = _config(root)
+    overrides = {
+        "data.source": "text",
+        "data.text_files": cfg.data.text_files[0],
+        "data.vocab_size": cfg.data.vocab_size,
+        "model.vocab_size": cfg.model.vocab_size,
+        "data.validation_every": cfg.data.validation_every,
+        "data.cache_dir": cfg.data.cache_dir,
+        **OVERRIDES,
+    }
+    return [
+        os.path.join(REPO, "launch.py"),
+        "--config",
+        os.path.join(REPO, "configs/tiny.py"),
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+
+
+def _committed_steps(workdir):
+    ckpts = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    """The runs the tests compare, made once:
+    one     T.train in this process (8 devices) with data.shards=2: the 2-process data layout;
+    two     launch.py, 2 processes, uninterrupted;
+    killed  launch.py, 2 processes, both SIGKILLed after their first checkpoint, then restarted;
+    other   a copy of `killed` at the kill, resumed here by one process."""
+    out = {name: root / name for name in ("one", "two", "killed", "other")}
+    T.train(_config(root, **{"data.shards": 2}), str(out["one"]))
+
+    (root / "log_two").mkdir()
+    two = Job(
+        _launch_argv(root, out["two"]), num_processes=2, log_dir=root / "log_two", compile_cache=root / "jit"
+    )
+    assert two.wait(JOB_TIMEOUT_S) == [0, 0], two.output()
+    out["two_job"] = two
+
+    (root / "log_kill").mkdir()
+    job = Job(
+        _launch_argv(root, out["killed"]),
+        num_processes=2,
+        log_dir=root / "log_kill",
+        compile_cache=root / "jit",
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not _committed_steps(out["killed"]):
+            assert all(p.poll() is None for p in job.procs), f"a process ended early:\n{job.output()}"
+            assert time.monotonic() < deadline, f"no checkpoint in {JOB_TIMEOUT_S} s:\n{job.output()}"
+            time.sleep(0.02)
+    finally:
+        job.kill()  # SIGKILL to both process groups
+    assert [p.returncode for p in job.procs] == [-9, -9], job.output()
+    out["killed_at"] = _committed_steps(out["killed"])[-1]
+    assert out["killed_at"] < STEPS
+    shutil.copytree(out["killed"], out["other"])
+
+    (root / "log_restart").mkdir()
+    restart = Job(
+        _launch_argv(root, out["killed"]),
+        num_processes=2,
+        log_dir=root / "log_restart",
+        compile_cache=root / "jit",
+    )
+    assert restart.wait(JOB_TIMEOUT_S) == [0, 0], restart.output()
+    return out
+
+
+def _restore(workdir, step=STEPS):
+    with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10) as ck:
+        cfg = ml_collections.ConfigDict(ck.saved_config(step))
+        cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
+        mesh = msharding.make_mesh(cfg.mesh)
+        _, abstract = msharding.abstract_sharded(T.state_builder(cfg), mesh, cfg.sharding_rules)
+        state, data_state = ck.restore(step, abstract)
+    return jax.tree.map(np.asarray, state), data_state
+
+
+def _last_per_step(workdir, key):
+    """metrics.jsonl's value of `key` per step (the last row wins where a resume repeated steps)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_two_processes_train_like_one_with_the_same_data_layout(runs):
+    one, two = runs["one"], runs["two"]
+    for key in ("train/loss", "train/grad_norm", "eval/ce"):
+        a, b = _last_per_step(one, key), _last_per_step(two, key)
+        assert a.keys() == b.keys() and len(a) >= 1
+        np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=2e-6, err_msg=key)
+    (state1, data1), (state2, data2) = _restore(one), _restore(two)
+    assert data1 == data2  # every stream at the same position
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7), state1, state2)
+
+
+def test_each_process_reads_its_own_stream_and_process_0_writes(runs):
+    job, two = runs["two_job"], runs["two"]
+    out0, out1 = job.output(0), job.output(1)
+    assert "process 0: data streams [0] of 2" in out0, out0
+    assert "process 1: data streams [1] of 2" in out1, out1
+    # Progress, validation lines, metrics and config come from process 0 only, once.
+    assert f"step {STEPS}/{STEPS}" in out0 and "validation CE" in out0
+    assert "validation CE" not in out1 and not re.search(r"^step \d", out1, re.M), out1
+    assert list(_last_per_step(two, "train/loss")) == list(range(1, STEPS + 1))
+    with open(two / "metrics.jsonl") as f:
+        assert len(f.readlines()) == STEPS + 1  # one row per step + the final evaluation
+    assert len(os.listdir(two / "tb")) == 1
+    with open(two / "config.json") as f:
+        assert json.load(f)["train"]["steps"] == STEPS
+    assert _committed_steps(two)[-1] == STEPS
+
+
+def test_sigkill_of_both_processes_then_restart_is_bit_identical(runs):
+    assert 0 < runs["killed_at"] < STEPS
+    (a, data_a), (b, data_b) = _restore(runs["two"]), _restore(runs["killed"])
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert data_a == data_b
+    assert _last_per_step(runs["killed"], "train/loss") == _last_per_step(runs["two"], "train/loss")
+
+
+def test_one_process_resumes_a_two_process_checkpoint(runs):
+    """A different process count works: the checkpoint keeps both streams' positions and one
+    process reads both (data.shards=0 resumes with the checkpoint's number of streams)."""
+    other = runs["other"]
+    with Checkpointer(os.path.join(other, "checkpoints"), max_to_keep=10) as ck:
+        cfg = ml_collections.ConfigDict(ck.saved_config())
+    cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    assert cfg.data.shards == 0
+    T.train(cfg, str(other))
+    (a, data_a), (b, data_b) = _restore(runs["two"]), _restore(other)
+    assert data_a == data_b
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7), a, b)
+
+
+def test_global_batch_of_two_processes_equals_one_process(root, tmp_path):
+    """Each process's rows come from its own stream, and the gathered global batches equal the
+    batches one process builds with the same number of streams."""
+    cfg = _config(root)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(cfg.to_json())
+    worker = os.path.join(REPO, "tests", "multiprocess_helpers.py")
+    job = Job([worker, str(cfg_path), str(tmp_path / "batches"), "3"], num_processes=2, log_dir=tmp_path)
+    assert job.wait(JOB_TIMEOUT_S) == [0, 0], job.output()
+
+    mesh = msharding.make_mesh(cfg.mesh)
+    one = T.stream_batches(cfg, mdata.prepare(cfg.data), msharding.batch_sharding(mesh), num_streams=2)
+    expected = [jax.tree.map(np.asarray, next(one)) for _ in range(3)]
+    for p in range(2):
+        got = np.load(tmp_path / f"batches.{p}.npz")
+        assert list(got["streams"]) == [p]
+        for t, batch in enumerate(expected):
+            for name, array in batch.items():
+                np.testing.assert_array_equal(got[f"{t}/{name}"], array, err_msg=f"process {p} {t}/{name}")
+    # The two halves really are different documents (not one stream read twice).
+    assert not np.array_equal(expected[0]["inputs"][:4], expected[0]["inputs"][4:])
+
+
+def test_bad_multiprocess_input_is_one_line_on_every_process(root, tmp_path):
+    argv = _launch_argv(root, tmp_path / "wd")
+    # An incomplete process description: refused before any process waits for another.
+    run = subprocess.run(
+        [sys.executable, *argv, "--num_processes=2"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (
+        "error: a multi-process run needs --coordinator_address, --num_processes and --process_id; "
+        "missing --coordinator_address, --process_id"
+    )
+    # Process 0 cannot build the data: both processes stop at once, each with one line.
+    missing = f"--config.data.text_files={tmp_path / 'missing.txt'}"
+    job = Job([*argv, missing], num_processes=2, log_dir=tmp_path)
+    assert job.wait(JOB_TIMEOUT_S) == [2, 2], job.output()
+    errors = [[ln for ln in job.output(i).splitlines() if ln.startswith("error:")] for i in range(2)]
+    assert len(errors[0]) == 1 and "missing.txt does not exist" in errors[0][0], job.output()
+    assert errors[1] == [
+        "error: process 0 could not prepare the data (its error says why); fix that and relaunch"
+    ]
+    assert "Traceback" not in job.output()
+    assert not (tmp_path / "wd").exists()

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
     c.data = ml_collections.ConfigDict(
         dict(
-            source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds"
+            source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds" | "synthetic"
             text_files=(),  # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
             tfds_name="",  # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
             tfds_data_dir="",
@@ -62,6 +62,20 @@ def get_config() -> ml_collections.ConfigDict:
             read_threads=0,
             seq_len=256,
             global_batch_size=16,  # sequences per optimiser update, over all processes
+            # source="synthetic": a generated Markov language with known next-token
+            # distributions (mile.data.synthetic); vocab_size is then its id space.
+            synthetic=ml_collections.ConfigDict(
+                dict(
+                    seed=0,
+                    train_tokens=2_000_000,
+                    zipf_exponent=1.0,
+                    eos_prob=0.005,
+                    kind_shares=(0.4, 0.35, 0.25),  # deterministic, multi-label, flat contexts
+                    max_labels=6,
+                    target_exponent=0.5,  # continuations drawn by zipf weight ** this
+                    flat_noise=1.0,
+                )
+            ),
         )
     )
 

@@ -100,7 +100,7 @@ def main():
 
     logging.set_verbosity(logging.WARNING)  # orbax/TFDS log every file at INFO
     runs_dir = os.path.join(REPO, "experiments", "runs", args.name)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     evals, seconds = {}, {}
     for seed in args.seeds:
         for variant in args.variants:
@@ -110,17 +110,19 @@ def main():
             with open(os.path.join(wd, "train_seconds.json")) as f:
                 seconds[variant, seed] = json.load(f)["seconds"]
     timing_path = os.path.join(runs_dir, "timing.json")
-    timing = {"wall_seconds": 0.0}
+    timing = {"wall_seconds": 0.0, "cpu_seconds": 0.0}
     if os.path.exists(timing_path):
         with open(timing_path) as f:
-            timing = json.load(f)
-    timing["wall_seconds"] += time.perf_counter() - start  # summed over invocations
+            timing.update(json.load(f))
+    # Summed over invocations. CPU seconds (all threads) / 2 approximates the wall time on 2 idle cores.
+    timing["wall_seconds"] += time.perf_counter() - start
+    timing["cpu_seconds"] += time.process_time() - start_cpu
     with open(timing_path, "w") as f:
         json.dump(timing, f)
     from experiments import synthetic_report
 
     cfg = run_config(args.variants[0], args.seeds[0], args.steps)
-    synthetic_report.write_report(args, cfg, evals, seconds, timing["wall_seconds"])
+    synthetic_report.write_report(args, cfg, evals, seconds, timing)
 
 
 if __name__ == "__main__":

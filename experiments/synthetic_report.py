@@ -77,7 +77,7 @@ def _heldout_stream(prepared) -> np.ndarray:
     return syn.heldout_stream([prepared.tokenizer.encode(source[i]) for i in range(len(source))])
 
 
-def write_report(args, cfg, evals, seconds, wall_seconds) -> None:
+def write_report(args, cfg, evals, seconds, timing) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,8 +110,14 @@ def write_report(args, cfg, evals, seconds, wall_seconds) -> None:
         "",
         f"Time: {train_minutes:.1f} min of training in all ({len(seconds)} runs, "
         f"{min(seconds.values()) / 60:.1f}–{max(seconds.values()) / 60:.1f} min each) and "
-        f"{wall_seconds / 60:.1f} min wall-clock for the whole script, evaluation included, on a 2-core CPU "
-        "shared with other jobs (see the README for an idle-machine estimate).",
+        f"{timing['wall_seconds'] / 60:.1f} min wall-clock for the whole script, evaluation included, "
+        + (
+            f"using {timing['cpu_seconds'] / 60:.1f} CPU-minutes (about {timing['cpu_seconds'] / 120:.0f} min "
+            "on 2 idle cores)"
+            if timing.get("cpu_seconds")
+            else "CPU time not recorded"
+        )
+        + "; the 2-core machine was shared with other jobs.",
         "",
         "Definitions (mile.ground_truth): **excess** = model CE − true −log p(target), in nats; its mean "
         "estimates the KL but carries the target's sampling noise. **KL** = KL(true ‖ model) at each "

@@ -62,20 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
             read_threads=0,
             seq_len=256,
             global_batch_size=16,  # sequences per optimiser update, over all processes
-            # source="synthetic": a generated Markov language with known next-token
-            # distributions (mile.data.synthetic); vocab_size is then its id space.
-            synthetic=ml_collections.ConfigDict(
-                dict(
-                    seed=0,
-                    train_tokens=2_000_000,
-                    zipf_exponent=1.0,
-                    eos_prob=0.005,
-                    kind_shares=(0.4, 0.35, 0.25),  # deterministic, multi-label, flat contexts
-                    max_labels=6,
-                    target_exponent=0.5,  # continuations drawn by zipf weight ** this
-                    flat_noise=1.0,
-                )
-            ),
         )
     )
 

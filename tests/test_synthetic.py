@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -38,7 +39,9 @@ def language():
 def prepared(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("synthetic"))
     cfg.data.update(source="synthetic", vocab_size=SMALL.vocab_size, validation_every=SMALL.validation_every)
-    cfg.data.synthetic.update(seed=SMALL.seed, train_tokens=SMALL.train_tokens, eos_prob=SMALL.eos_prob)
+    cfg.data.synthetic = ml_collections.ConfigDict(
+        dict(seed=SMALL.seed, train_tokens=SMALL.train_tokens, eos_prob=SMALL.eos_prob)
+    )
     cfg.model.vocab_size = SMALL.vocab_size
     return cfg, md.prepare(cfg.data)
 
@@ -189,10 +192,13 @@ def test_a_tiny_run_has_non_negative_excess_loss(prepared, tmp_path):
 def test_bad_synthetic_config_is_one_line_error(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.data.update(source="synthetic", vocab_size=128, cache_dir=str(tmp_path / "cache"))
-    cfg.data.synthetic.kind_shares = (0.5, 0.5, 0.5)
+    cfg.data.synthetic = ml_collections.ConfigDict(dict(kind_shares=(0.5, 0.5, 0.5)))
     with pytest.raises(ValueError, match="kind_shares"):
         md.prepare(cfg.data)
-    cfg.data.synthetic.kind_shares = (0.4, 0.35, 0.25)
+    cfg.data.synthetic = ml_collections.ConfigDict(dict(kind_shares=(0.4, 0.35, 0.25), bogus=1))
+    with pytest.raises(ValueError, match="unknown data.synthetic keys"):
+        md.prepare(cfg.data)
+    del cfg.data.synthetic["bogus"]
     cfg.data.vocab_size = 10
     with pytest.raises(ValueError, match="vocab_size=10"):
         md.prepare(cfg.data)
@@ -208,3 +214,9 @@ def test_id_tokenizer_round_trip_and_bad_ids(tmp_path):
         tok.encode("5 100")
     with pytest.raises(ValueError, match="space-separated token ids"):
         tok.encode("five")
+
+
+def test_ground_truth_cli_reports_a_missing_workdir(tmp_path, capsys):
+    assert gt.main(["--workdir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: workdir") and "does not exist" in err and "\n" not in err

@@ -24,7 +24,8 @@ Data config keys read (``data_cfg.get(key, default)``; an ml_collections ConfigD
   eval_split        TFDS split to evaluate on (source="tfds")            ("validation")
   validation_every  kjv/text: hold out every N-th document               (50)
   vocab_size        SentencePiece vocabulary size; synthetic: its id space   (8000)
-  synthetic         source="synthetic": generator parameters (mile.data.synthetic.SyntheticSpec)
+  synthetic         source="synthetic": generator parameters (mile.data.synthetic.SyntheticSpec;
+                    configs/synthetic.py sets them all)
   tokenizer_max_docs  source="tfds": documents sampled to train the tokenizer (100000)
   cache_dir         where corpora, datasets and tokenizers are cached    (".cache")
   shuffle_seed      training shuffle seed (if train_iterator gets seed=None) (0)

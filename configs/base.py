@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
     c.data = ml_collections.ConfigDict(
         dict(
-            source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds"
+            source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds" | "synthetic"
             text_files=(),  # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
             tfds_name="",  # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
             tfds_data_dir="",

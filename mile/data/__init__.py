@@ -15,7 +15,7 @@ JSON-serialisable dict; ``train_it.set_state(state)`` on a fresh iterator built 
 config/seed/process layout resumes at exactly the next batch.
 
 Data config keys read (``data_cfg.get(key, default)``; an ml_collections ConfigDict or dict):
-  source            "kjv" | "text" | "tfds"                                       (required)
+  source            "kjv" | "text" | "tfds" | "synthetic"                         (required)
   text_files        list of .txt (blank-line separated) / .jsonl paths   (source="text")
   tfds_name         prepared ArrayRecord TFDS dataset, e.g. "c4/en"      (source="tfds")
   tfds_data_dir     its TFDS data_dir                                    (source="tfds")
@@ -23,7 +23,9 @@ Data config keys read (``data_cfg.get(key, default)``; an ml_collections ConfigD
   train_split       TFDS split to train on (source="tfds")               ("train")
   eval_split        TFDS split to evaluate on (source="tfds")            ("validation")
   validation_every  kjv/text: hold out every N-th document               (50)
-  vocab_size        SentencePiece vocabulary size                        (8000)
+  vocab_size        SentencePiece vocabulary size; synthetic: its id space   (8000)
+  synthetic         source="synthetic": generator parameters (mile.data.synthetic.SyntheticSpec;
+                    configs/synthetic.py sets them all)
   tokenizer_max_docs  source="tfds": documents sampled to train the tokenizer (100000)
   cache_dir         where corpora, datasets and tokenizers are cached    (".cache")
   shuffle_seed      training shuffle seed (if train_iterator gets seed=None) (0)
@@ -45,14 +47,14 @@ from mile.data.tokenizer import Tokenizer, train_or_load
 
 __all__ = ["PreparedData", "Tokenizer", "prepare", "train_iterator", "eval_iterator"]
 
-_SOURCES = ("kjv", "text", "tfds")
+_SOURCES = ("kjv", "text", "tfds", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
     """Everything the iterators need; cheap to rebuild with ``prepare`` once caches exist."""
 
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # or synthetic.IdTokenizer (same interface) for data.source="synthetic"
     tokenizer_path: pathlib.Path  # the SentencePiece .model file, to export with checkpoints
     tfds_name: str
     tfds_data_dir: str | None
@@ -84,6 +86,10 @@ def prepare(data_cfg: Any, cache_dir: str | os.PathLike | None = None) -> Prepar
 
     if source == "tfds":
         return _prepare_tfds(data_cfg, cache_dir, text_key, vocab_size)
+    if source == "synthetic":  # generated, and its tokens are ids: no SentencePiece
+        from mile.data import synthetic
+
+        return synthetic.prepare(data_cfg, cache_dir)
 
     if source == "kjv":
         files = [corpus.fetch_kjv(cache_dir)]

@@ -156,6 +156,41 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
+def flops_and_roofline(cfg, chips: int, chip, io_bytes: float) -> tuple[dict, dict]:
+    """Analytic model FLOPs of a step, and a roofline estimate of its time on `chips` x `chip`.
+
+    step >= max(hardware FLOPs per chip / peak bf16, io_bytes / HBM bandwidth): every argument is
+    read and every output written at least once per step. Communication is not counted, so this
+    is a lower bound on the step time and an upper bound on MFU, from published chip figures."""
+    from mile import flops
+
+    rows, seq = cfg.data.global_batch_size, cfg.data.seq_len
+    params = flops.param_counts(cfg.model)
+    per_token = flops.model_flops_per_token(cfg.model, seq)
+    model_per_chip = per_token * rows * seq / chips
+    hardware_per_chip = flops.hardware_flops_per_token(cfg.model, seq) * rows * seq / chips
+    compute_s = hardware_per_chip / chip.peak_bf16_flops
+    memory_s = io_bytes / chip.hbm_bytes_per_s
+    step_s = max(compute_s, memory_s)
+    counts = {
+        "params": params["total"],
+        "non_embedding_params": params["non_embedding"],
+        "model_flops_per_token": per_token,
+        "model_flops_per_step_per_chip": model_per_chip,
+        "hardware_flops_per_step_per_chip": hardware_per_chip,
+    }
+    roofline = {
+        "peak_bf16_tflops": chip.peak_bf16_flops / 1e12,
+        "hbm_gb_per_s": chip.hbm_bytes_per_s / 1e9,
+        "compute_bound_s": compute_s,
+        "hbm_bound_s": memory_s,
+        "step_s_lower_bound": step_s,
+        "tokens_per_s_per_chip_upper_bound": rows * seq / chips / step_s,
+        "mfu_upper_bound": model_per_chip / chip.peak_bf16_flops / step_s,
+    }
+    return counts, roofline
+
+
 def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     """Compile `cfg`'s train step for `tpu` and describe it (a JSON-ready dict).
 
@@ -211,6 +246,10 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
         if not _is_out_of_memory(e):
             raise
         report.update(compile_s=time.perf_counter() - start, fits=False, compile_error=_first_line(e))
+        # "... HLO temporaries (143.71G) exceeds available HBM (95.74G)": keep the numbers.
+        needed = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+        if needed:
+            report["temp_gib_required"], report["hbm_available_gib"] = map(float, needed.groups())
         return report
     report["compile_s"] = time.perf_counter() - start
 
@@ -234,31 +273,9 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
     report["collectives"] = {"counts": kinds, "instructions": found}
 
-    chips = len(devices)
-    params = flops.param_counts(cfg.model)
-    per_token = flops.model_flops_per_token(cfg.model, seq)
-    hardware_per_chip = flops.hardware_flops_per_token(cfg.model, seq) * rows * seq / chips
-    model_per_chip = per_token * rows * seq / chips
-    compute_s = hardware_per_chip / chip.peak_bf16_flops
-    # Every argument is read and every output written at least once per step.
-    memory_s = (parts["arguments"] + parts["outputs"]) / chip.hbm_bytes_per_s
-    step_s = max(compute_s, memory_s)
-    report["flops"] = {
-        "params": params["total"],
-        "non_embedding_params": params["non_embedding"],
-        "model_flops_per_token": per_token,
-        "model_flops_per_step_per_chip": model_per_chip,
-        "hardware_flops_per_step_per_chip": hardware_per_chip,
-    }
-    report["roofline_estimate"] = {
-        "peak_bf16_tflops": chip.peak_bf16_flops / 1e12,
-        "hbm_gb_per_s": chip.hbm_bytes_per_s / 1e9,
-        "compute_bound_s": compute_s,
-        "hbm_bound_s": memory_s,
-        "step_s_lower_bound": step_s,
-        "tokens_per_s_per_chip_upper_bound": rows * seq / chips / step_s,
-        "mfu_upper_bound": model_per_chip / chip.peak_bf16_flops / step_s,
-    }
+    report["flops"], report["roofline_estimate"] = flops_and_roofline(
+        cfg, len(devices), chip, parts["arguments"] + parts["outputs"]
+    )
     return report
 
 

@@ -60,6 +60,12 @@ def test_microbatch_search_finds_the_smallest_fitting_count(monkeypatch):
     assert compiled[0] == 1 and len(compiled) < 7
 
 
+def test_without_libtpu_the_tool_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed: import raises
+    with pytest.raises(ValueError, match="pip install -r requirements-tpu.txt"):
+        aot.topology_devices(aot.parse_slice("v5e-4"))
+
+
 # --- compiles with libtpu ------------------------------------------------------------------------
 
 
@@ -121,19 +127,19 @@ def test_fsdp_step_gathers_weights_but_never_logits(libtpu):
 
 
 def test_materialised_head_needs_far_more_memory_than_the_fused_one(libtpu):
-    # 4096 tokens per chip x 32000 vocab: the materialised head holds the logits (and their
+    # 2048 tokens per chip x 16384 vocab: the materialised head holds the logits (and their
     # softmax) in HBM, the fused one 256-token tiles. (Small temporaries never reach HBM on a TPU,
     # which is why the logits here are made large.)
     temps = {}
     for head in ("fused", "materialised"):
         cfg = tiny.get_config()
-        cfg.model.vocab_size = 32000
-        cfg.data.update(vocab_size=32000, global_batch_size=512)
+        cfg.model.vocab_size = 16384
+        cfg.data.update(vocab_size=16384, global_batch_size=256)
         cfg.loss.update(head=head, chunk_size=256)
         report = aot.compile_report(cfg, aot.parse_slice("v5e-4"))
         assert report["fits"] and report["loss"]["head"] == head
         temps[head] = report["memory_per_chip_gib"]["temp"]
-    logits_gib = 4096 * 32000 * 4 / 2**30  # one float32 copy of this chip's logits
+    logits_gib = 2048 * 16384 * 4 / 2**30  # one float32 copy of this chip's logits
     assert temps["materialised"] > temps["fused"] + logits_gib, temps
     assert temps["fused"] < logits_gib / 8, temps
 

@@ -73,18 +73,25 @@ def _is_read_failure(e: Exception) -> bool:
     return type(e) is Exception or isinstance(e, (KeyError, ValueError, OSError))
 
 
+def _is_abandoned_read_noise(unraisable) -> bool:
+    e, obj = unraisable.exc_value, unraisable.object
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return True
+    return getattr(getattr(obj, "cr_code", None), "co_name", "") == "_read_array_index_and_device_put"
+
+
 def _quiet_abandoned_reads() -> None:
-    """When a restore fails, orbax closes its event loop while tensorstore still finishes the other
-    reads; each of their callbacks then raises "Event loop is closed" into sys.unraisablehook,
-    which would print dozens of tracebacks around our one-line message. Drop exactly those; every
-    other unraisable exception still goes to the previous hook. Installed once, before any read."""
+    """When a restore fails, orbax gives up on its other array reads: tensorstore still finishes
+    them and their callbacks raise "Event loop is closed", and their coroutines are collected with
+    their own read errors unretrieved. Both reach sys.unraisablehook, which would print dozens of
+    tracebacks around our one-line message. Drop exactly those two kinds; every other unraisable
+    exception still goes to the previous hook. Installed once, before any read."""
     previous = sys.unraisablehook
     if getattr(previous, "_mile_quiet", False):
         return
 
     def hook(unraisable):
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        if not _is_abandoned_read_noise(unraisable):
             previous(unraisable)
 
     hook._mile_quiet = True

@@ -428,8 +428,8 @@ def _resume(ckpt_dir: str, abstract, primary: bool) -> tuple[int, Any, dict | No
     restored = restore_latest_verified(ckpt_dir, abstract)
     if restored is None:
         return 0, None, None
-    for bad in restored.rejected:
-        moved = set_aside(ckpt_dir, bad.step) if primary else "corrupt_checkpoints/"
+    for bad in restored.rejected if primary else ():
+        moved = set_aside(ckpt_dir, bad.step)
         print(
             f"warning: {bad}; resuming from step {restored.step} instead (moved it to {moved})",
             file=sys.stderr,

@@ -77,19 +77,7 @@ def time_mile(cfg, loss: str, warmup: int, steps: int) -> list[float]:
     graphdef, state, _ = train.build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        train.make_train_step(
-            graphdef,
-            spec,
-            mesh=mesh,
-            chunk_size=cfg.loss.chunk_size or None,
-            num_microbatches=cfg.optim.num_microbatches,
-            schedule=train.learning_rate_schedule(cfg.optim, cfg.train.steps),
-        ),
-        in_shardings=(state_shardings, batch_shard),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = train.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)  # what the loop runs
     inputs, targets = _random_batch(cfg)
     batch = train.global_batch(
         {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)}, batch_shard

@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Trace events that are runtime bookkeeping, or control flow whose time its inner ops already count.
-_NOT_OPS = re.compile(r"^\$|ThunkExecutor|Slinky|Execute|PjitFunction|ParseArguments|^end: ")
+_NOT_OPS = re.compile(
+    r"^\$|ThunkExecutor|Slinky|Execute|PjitFunction|ParseArguments|^end: |^(while|conditional|call)(\.\d+)?$"
+)
 
 
 def op_time_by_kind(trace_dir: str) -> collections.Counter:

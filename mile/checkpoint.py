@@ -319,6 +319,13 @@ def _norm(v: Any) -> Any:
     return v
 
 
+# Compatibility fields added after checkpoints already existed, with the value every older run
+# implicitly had. A checkpoint that lacks one of them matches a config that keeps that value.
+ADDED_FIELDS = {
+    "data.shards": 0,  # one data stream per process, as before streams existed
+}
+
+
 def config_mismatch(
     saved: dict, new: dict, prefixes: Iterable[str] = ("model.", "data.", "seed")
 ) -> str | None:
@@ -326,7 +333,8 @@ def config_mismatch(
 
     Both dicts are flattened to dotted keys; only keys starting with one of `prefixes` are
     compared (in sorted order). Returns e.g. "model.num_layers: checkpoint has 4, config has 6",
-    or "model.foo: checkpoint has 1, config lacks it" for a key present in one only.
+    or "model.foo: checkpoint has 1, config lacks it" for a key present in one only (a key in
+    ADDED_FIELDS that the checkpoint lacks counts as holding its old implicit value).
     """
     prefixes = tuple(prefixes)
     fs, fn = _flatten(saved), _flatten(new)
@@ -335,6 +343,8 @@ def config_mismatch(
             continue
         if key not in fn:
             return f"{key}: checkpoint has {fs[key]!r}, config lacks it"
+        if key not in fs and key in ADDED_FIELDS and _norm(ADDED_FIELDS[key]) == _norm(fn[key]):
+            continue
         if key not in fs:
             return f"{key}: checkpoint lacks it, config has {fn[key]!r}"
         if _norm(fs[key]) != _norm(fn[key]):

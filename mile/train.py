@@ -484,7 +484,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shard = msharding.batch_sharding(mesh)
-    stream_states = data_state["streams"] if data_state is not None else None
+    # Checkpoints from before data streams hold one position per process under "processes":
+    # process p read exactly what stream p of as many streams reads.
+    stream_states = None if data_state is None else data_state.get("streams", data_state.get("processes"))
     num_streams = multihost.resolve_num_streams(cfg.data.shards, jax.process_count(), stream_states)
     train_it = stream_batches(cfg, prepared, batch_shard, num_streams)
     if stream_states is not None:

@@ -128,3 +128,18 @@ def test_config_mismatch():
     del new["data"]["seq_len"]
     assert config_mismatch(CONFIG, new) == "data.seq_len: checkpoint has 32, config lacks it"
     assert config_mismatch(CONFIG, new, prefixes=("model.",)) is None
+
+
+def test_config_mismatch_fields_added_later():
+    """An older checkpoint lacks fields added since; it matches only their old implicit value."""
+    import copy
+
+    from mile.checkpoint import ADDED_FIELDS
+
+    for key, implicit in ADDED_FIELDS.items():
+        section, name = key.split(".")
+        new = copy.deepcopy(CONFIG)
+        new.setdefault(section, {})[name] = implicit
+        assert config_mismatch(CONFIG, new) is None, key
+        new[section][name] = "something else"
+        assert config_mismatch(CONFIG, new) == f"{key}: checkpoint lacks it, config has 'something else'"

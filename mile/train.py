@@ -139,9 +139,9 @@ def build_state(cfg, mesh, rules):
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None):
+def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None, vocab_axis=None):
     """The loss terms of a token batch: the model's hidden states through the fused LM head,
-    each device tiling its own rows of the batch."""
+    each device tiling its own rows of the batch (and, with `vocab_axis`, its vocabulary slice)."""
     return fused_loss_terms(
         spec,
         model(batch["inputs"]),
@@ -151,6 +151,7 @@ def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | 
         chunk_size=chunk_size,
         batch_axes=msharding.BATCH_AXES,
         mesh=mesh,
+        vocab_axis=vocab_axis,
     )
 
 
@@ -167,6 +168,7 @@ def make_train_step(
     chunk_size: int | None,
     num_microbatches: int,
     schedule: optax.Schedule,
+    vocab_axis: str | None = None,
 ):
     """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
     whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
@@ -179,7 +181,12 @@ def make_train_step(
 
         def numerator(p, mb):
             terms = batch_loss_terms(
-                nnx.merge(model_def, p, rest), mb, spec, mesh=mesh, chunk_size=chunk_size
+                nnx.merge(model_def, p, rest),
+                mb,
+                spec,
+                mesh=mesh,
+                chunk_size=chunk_size,
+                vocab_axis=vocab_axis,
             )
             return terms["numerator"], terms
 
@@ -230,13 +237,13 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
+def make_eval_step(graphdef, *, mesh, chunk_size: int | None, vocab_axis: str | None = None):
     """Validation terms under plain cross-entropy (comparable across losses)."""
     ce = L.get_loss("ce")
 
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size)
+        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size, vocab_axis=vocab_axis)
 
     return step
 
@@ -372,6 +379,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
 
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     chunk = cfg.loss.chunk_size or None
+    # The fused loss splits its softmax over the axis the rule table shards the head's vocabulary on.
+    vocab_axis = msharding.vocab_parallel_axis(mesh, rules, cfg.model.embed_dim, cfg.model.vocab_size)
     step_fn = jax.jit(
         make_train_step(
             graphdef,
@@ -380,13 +389,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
             chunk_size=chunk,
             num_microbatches=cfg.optim.num_microbatches,
             schedule=schedule,
+            vocab_axis=vocab_axis,
         ),
         in_shardings=(state_shardings, batch_shard),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk), in_shardings=(state_shardings, batch_shard)
+        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk, vocab_axis=vocab_axis),
+        in_shardings=(state_shardings, batch_shard),
     )
 
     writer = MetricsWriter(workdir, enabled=primary)

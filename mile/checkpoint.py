@@ -137,6 +137,10 @@ def _norm(v: Any) -> Any:
     return v
 
 
+# Model fields that change how the step computes, never the parameters: free to change on resume.
+_SAME_PARAMETERS = ("model.attention",)
+
+
 def config_mismatch(
     saved: dict, new: dict, prefixes: Iterable[str] = ("model.", "data.", "seed")
 ) -> str | None:
@@ -149,7 +153,7 @@ def config_mismatch(
     prefixes = tuple(prefixes)
     fs, fn = _flatten(saved), _flatten(new)
     for key in sorted(set(fs) | set(fn)):
-        if not key.startswith(prefixes):
+        if not key.startswith(prefixes) or key in _SAME_PARAMETERS:
             continue
         if key not in fn:
             return f"{key}: checkpoint has {fs[key]!r}, config lacks it"

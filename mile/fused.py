@@ -62,7 +62,7 @@ def _tile_statistics(spec: L.LossSpec, paper: bool, vocab_axis, h, w_mat, labels
         lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
         (1,),
     )
-    shift = jnp.zeros_like(local_max)  # log of (global max - local max) rescaling; 0 unsharded
+    shift = jnp.zeros_like(local_max)  # local max - global max: 0 unless the vocabulary is split
     if vocab_axis is not None:
         has_label = (local_labels >= 0) & (local_labels < w_mat.shape[1])
         sum_e, sum_es, s_label, shift = _merge_vocab_shards(

@@ -5,6 +5,7 @@ AdamW) for a TPU topology, and `memory_analysis()` of the compiled step gives th
 
   python experiments/attention_memory.py                          # 6.7B, seq 2048, v5p 2x2x1
   python experiments/attention_memory.py --size 468m --seq 1024 --topology v5p:2x2x1
+  python experiments/attention_memory.py --attention-only     # one layer's attention alone (fast)
 """
 
 from __future__ import annotations
@@ -76,6 +77,23 @@ def compiled_memory(size: str, attention: str, seq: int, batch_per_chip: int, de
     return compiled.memory_analysis(), seconds, hlo.count("tpu_custom_call")
 
 
+def attention_only_memory(size: str, attention: str, seq: int, batch_per_chip: int, device):
+    """Temp bytes of one layer's attention (q, k, v -> out, fwd+bwd, bf16) on one chip."""
+    from mile.attention import causal_attention
+
+    m = paper.get_config(f"{size},mile").model
+    q = jax.ShapeDtypeStruct((batch_per_chip, seq, m.num_heads, m.head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch_per_chip, seq, m.num_kv_heads, m.head_dim), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, attention).astype(jnp.float32))
+
+    mesh = jax.sharding.Mesh([device], ("data",))
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="6.7b", choices=["468m", "1.2b", "6.7b"])
@@ -84,6 +102,7 @@ def main():
     ap.add_argument("--topology", default="v5p:2x2x1")
     ap.add_argument("--fsdp", type=int, default=-1)
     ap.add_argument("--tensor", type=int, default=1)
+    ap.add_argument("--attention-only", action="store_true", help="skip the (slow) whole-step compiles")
     args = ap.parse_args()
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
@@ -92,13 +111,19 @@ def main():
         f"jax {jax.__version__}; {args.size}, seq {args.seq}, {args.batch_per_chip} sequence(s) per chip, "
         f"{args.topology} ({len(devices)} x {devices[0].device_kind}), mesh {mesh_shape}, bf16, full remat"
     )
+    gib = 2.0**30
+    print("\n| attention | one layer's attention alone, fwd+bwd: temp (GiB/chip) |\n|---|---|")
+    for attention in ("xla", "splash"):
+        temp = attention_only_memory(args.size, attention, args.seq, args.batch_per_chip, devices[0])
+        print(f"| {attention} | {temp / gib:.3f} |")
+    if args.attention_only:
+        return
     rows = {}
     for attention in ("xla", "splash"):
         mem, seconds, kernels = compiled_memory(
             args.size, attention, args.seq, args.batch_per_chip, devices, mesh_shape
         )
         rows[attention] = (mem, seconds, kernels)
-    gib = 2.0**30
     print(
         f"\n| attention | temp (GiB/chip) | arguments (GiB/chip) | outputs (GiB/chip) | peak est. (GiB/chip) | Pallas calls | compile (s) |"
     )

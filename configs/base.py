@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             remat="none",  # "full": recompute each block in the backward pass
             scan_layers=False,  # stack layers and lax.scan them (fast compiles for deep models)
+            attention="xla",  # "xla" | "cudnn" (NVIDIA GPU, bf16) | "splash" (TPU Pallas kernel)
         )
     )
 

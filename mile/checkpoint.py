@@ -324,6 +324,8 @@ def _norm(v: Any) -> Any:
 ADDED_FIELDS = {
     "data.shards": 0,  # one data stream per process, as before streams existed
 }
+# Model fields that change how the step computes, never the parameters: free to change on resume.
+_SAME_PARAMETERS = ("model.attention",)
 
 
 def config_mismatch(
@@ -339,7 +341,7 @@ def config_mismatch(
     prefixes = tuple(prefixes)
     fs, fn = _flatten(saved), _flatten(new)
     for key in sorted(set(fs) | set(fn)):
-        if not key.startswith(prefixes):
+        if not key.startswith(prefixes) or key in _SAME_PARAMETERS:
             continue
         if key not in fn:
             return f"{key}: checkpoint has {fs[key]!r}, config lacks it"

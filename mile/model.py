@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mile.attention import IMPLEMENTATIONS, causal_attention
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -40,6 +42,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "xla"  # "xla" | "cudnn" | "splash" (mile.attention)
 
     @classmethod
     def from_cfg(cls, cfg) -> "ModelConfig":
@@ -62,6 +65,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.attention={self.attention!r}; expected one of {', '.join(IMPLEMENTATIONS)}"
+            )
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(
+                "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention is 16-bit)"
+            )
 
     @property
     def compute_dtype(self):
@@ -152,6 +163,7 @@ class Attention(nnx.Module):
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         self.num_kv_heads = c.num_kv_heads
         self.dtype = c.compute_dtype
+        self.implementation = c.attention
         d, h, kv, hd = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
         self.q = _normal_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), c)
         self.k = _normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), c)
@@ -160,20 +172,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin):
         dt = self.dtype
-        batch, seq, _ = x.shape
         q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        head_dim = q.shape[-1]
-        # Group query heads by the kv head they share: [B, S, kv, group, hd].
-        q = q.reshape(batch, seq, self.num_kv_heads, -1, head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(head_dim))
-        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, seq, -1, head_dim)
+        out = causal_attention(q, k, v, self.implementation)
         return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt))
 
     def decode(self, x, cos, sin, k_cache, v_cache, start_pos):

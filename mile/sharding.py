@@ -180,3 +180,15 @@ def create_sharded(build: Callable[[], object], mesh: jax.sharding.Mesh, rules):
     with jax.set_mesh(mesh):
         state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def vocab_parallel_axis(mesh: jax.sharding.Mesh, rules, embed_dim: int, vocab_size: int) -> str | None:
+    """The mesh axis the rule table shards the LM head's vocabulary over, for the fused loss to
+    split its softmax the same way (see `mile.fused`): None when the head's vocabulary is not
+    sharded (one device on that axis, no rule, or a size that does not divide), or is sharded
+    over several axes or over a batch axis, where the loss falls back to the replicated head."""
+    spec = logical_to_spec(("embed", "vocab"), rules, shape=(embed_dim, vocab_size), mesh=mesh)
+    axis = spec[1] if len(spec) > 1 else None
+    if not isinstance(axis, str) or axis in BATCH_AXES or mesh.shape[axis] == 1:
+        return None
+    return axis

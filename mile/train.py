@@ -207,12 +207,15 @@ def build_state(cfg, mesh, rules):
 LOSS_HEADS = ("fused", "materialised")  # config loss.head
 
 
-def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None, head: str = "fused"):
+def batch_loss_terms(
+    model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None, head: str = "fused", vocab_axis=None
+):
     """The loss terms of a token batch: the model's hidden states through the LM head.
 
-    "fused" (the default) tiles the head matmul and loss on each device's own rows, never holding
-    the logits. "materialised" is the reference code's way, kept to measure what fusion saves:
-    the full [batch, seq, vocab] logits, then softmax and entropy over them."""
+    "fused" (the default) tiles the head matmul and loss on each device's own rows (and, with
+    `vocab_axis`, its vocabulary slice), never holding the logits. "materialised" is the reference
+    code's way, kept to measure what fusion saves: the full [batch, seq, vocab] logits, then
+    softmax and entropy over them."""
     hidden = model(batch["inputs"])
     if head == "materialised":
         # Each device holds the logits of its own rows, as each data-parallel rank does in the
@@ -229,6 +232,7 @@ def batch_loss_terms(model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | 
         chunk_size=chunk_size,
         batch_axes=msharding.BATCH_AXES,
         mesh=mesh,
+        vocab_axis=vocab_axis,
     )
 
 
@@ -246,6 +250,7 @@ def make_train_step(
     num_microbatches: int,
     schedule: optax.Schedule,
     head: str = "fused",
+    vocab_axis: str | None = None,
 ):
     """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
     whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
@@ -258,7 +263,13 @@ def make_train_step(
 
         def numerator(p, mb):
             terms = batch_loss_terms(
-                nnx.merge(model_def, p, rest), mb, spec, mesh=mesh, chunk_size=chunk_size, head=head
+                nnx.merge(model_def, p, rest),
+                mb,
+                spec,
+                mesh=mesh,
+                chunk_size=chunk_size,
+                head=head,
+                vocab_axis=vocab_axis,
             )
             return terms["numerator"], terms
 
@@ -309,6 +320,13 @@ def make_train_step(
     return step
 
 
+def vocab_axis_of(cfg, mesh) -> str | None:
+    """The mesh axis the rule table splits the head's vocabulary over (the fused loss then splits
+    its softmax the same way), or None."""
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    return msharding.vocab_parallel_axis(mesh, rules, cfg.model.embed_dim, cfg.model.vocab_size)
+
+
 def jit_train_step(cfg, graphdef, spec: L.LossSpec, mesh, state_shardings):
     """The run's train step under jax.jit with its shardings and donation: what the loop calls and
     what `mile.aot` compiles for a TPU slice."""
@@ -320,6 +338,7 @@ def jit_train_step(cfg, graphdef, spec: L.LossSpec, mesh, state_shardings):
         num_microbatches=cfg.optim.num_microbatches,
         schedule=learning_rate_schedule(cfg.optim, cfg.train.steps),
         head=cfg.loss.head,
+        vocab_axis=vocab_axis_of(cfg, mesh),
     )
     batch_shard = msharding.batch_sharding(mesh)
     return jax.jit(
@@ -330,13 +349,13 @@ def jit_train_step(cfg, graphdef, spec: L.LossSpec, mesh, state_shardings):
     )
 
 
-def make_eval_step(graphdef, *, mesh, chunk_size: int | None):
+def make_eval_step(graphdef, *, mesh, chunk_size: int | None, vocab_axis: str | None = None):
     """Validation terms under plain cross-entropy (comparable across losses)."""
     ce = L.get_loss("ce")
 
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size)
+        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size, vocab_axis=vocab_axis)
 
     return step
 
@@ -509,8 +528,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
 
     chunk = cfg.loss.chunk_size or None
     step_fn = jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
+    vocab_axis = vocab_axis_of(cfg, mesh)
     eval_fn = jax.jit(
-        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk), in_shardings=(state_shardings, batch_shard)
+        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk, vocab_axis=vocab_axis),
+        in_shardings=(state_shardings, batch_shard),
     )
 
     # Rows past the restored step describe steps that are about to be redone: drop them.

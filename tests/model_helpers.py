@@ -18,6 +18,7 @@ TINY_MODEL = dict(
     param_dtype="float32",
     remat="none",
     scan_layers=False,
+    attention="xla",
 )
 
 

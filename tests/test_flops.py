@@ -76,8 +76,8 @@ def test_flops_per_token_match_xla_count(remat):
     expected = flops.hardware_flops_per_token(cfg.model, cfg.data.seq_len)
     measured = _xla_flops_per_token(cfg)
     assert measured == pytest.approx(expected, rel=0.01)
-    if remat == "full":  # the recompute is counted by the hardware figure only
-        assert flops.model_flops_per_token(cfg.model, cfg.data.seq_len) < 0.8 * expected
+    if remat == "full":  # the recompute (~20% here) is counted by the hardware figure only
+        assert measured > 1.15 * flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
 def test_chip_table_lookup_by_device_kind():

@@ -112,8 +112,8 @@ def write_report(args, cfg, evals, seconds, timing) -> None:
         f"{min(seconds.values()) / 60:.1f}–{max(seconds.values()) / 60:.1f} min each) and "
         f"{timing['wall_seconds'] / 60:.1f} min wall-clock for the whole script, evaluation included, "
         + (
-            f"using {timing['cpu_seconds'] / 60:.1f} CPU-minutes (about {timing['cpu_seconds'] / 120:.0f} min "
-            "on 2 idle cores)"
+            f"using {timing['cpu_seconds'] / 60:.1f} CPU-minutes (so {timing['cpu_seconds'] / 120:.0f}–"
+            f"{timing['cpu_seconds'] / 60:.0f} min on 2 idle cores, depending on how well XLA uses both)"
             if timing.get("cpu_seconds")
             else "CPU time not recorded"
         )

@@ -32,8 +32,9 @@ language types, id ``4 + r`` being the type of design rank ``r``. Design:
   deterministic one, so the chain cannot lock into a cycle.
 
 Why it exercises the paper's argument: focal's weight ``(1 - p_t)^gamma`` depends on the target,
-so in a multi-label context with unequal probabilities it keeps pushing probability towards the
-less likely continuations even when the model is exactly right (its fixed point is biased);
+so in any context with unequal continuations (multi-label ones, and here even deterministic
+ones through their small EOS probability) it keeps pushing probability towards the less likely
+continuations even when the model is exactly right: its fixed point is ``q ∝ p (1 - q)^gamma``;
 MiLe's weight ``(sigma + H)^gamma`` depends only on the context, so within a context its optimum
 is still the true distribution and it can only move capacity *between* contexts: towards flat and
 multi-label ones, away from deterministic ones.

@@ -63,7 +63,8 @@ def _random_batch(cfg, seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def time_mile(cfg, loss: str, warmup: int, steps: int) -> list[float]:
+def mile_step(cfg, loss: str):
+    """(jitted train step, state, batch): the loop's own step on a random token batch."""
     import jax
     import numpy as np
 
@@ -76,12 +77,19 @@ def time_mile(cfg, loss: str, warmup: int, steps: int) -> list[float]:
     spec = train.check_config(cfg, mesh)
     graphdef, state, _ = train.build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shard = msharding.batch_sharding(mesh)
     step_fn = train.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)  # what the loop runs
     inputs, targets = _random_batch(cfg)
     batch = train.global_batch(
-        {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)}, batch_shard
+        {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)},
+        msharding.batch_sharding(mesh),
     )
+    return step_fn, state, batch
+
+
+def time_mile(cfg, loss: str, warmup: int, steps: int) -> list[float]:
+    import jax
+
+    step_fn, state, batch = mile_step(cfg, loss)
     times = []
     for i in range(warmup + steps):
         t0 = _clock()

@@ -53,26 +53,12 @@ def main() -> None:
     args = p.parse_args()
 
     import jax
-    import numpy as np
 
-    from experiments.bench_step import _random_batch, _shape_config
+    from experiments.bench_step import _shape_config, mile_step
     from mile import flops
-    from mile import sharding as msharding
-    from mile import train
 
     cfg = _shape_config(args.set)
-    cfg.loss.name = args.loss
-    rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    mesh = msharding.make_mesh(cfg.mesh)
-    spec = train.check_config(cfg, mesh)
-    graphdef, state, _ = train.build_state(cfg, mesh, rules)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shard = msharding.batch_sharding(mesh)
-    step = train.jit_train_step(cfg, graphdef, spec, mesh, shardings)  # what the loop runs
-    inputs, targets = _random_batch(cfg)
-    batch = train.global_batch(
-        {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)}, batch_shard
-    )
+    step, state, batch = mile_step(cfg, args.loss)
     for _ in range(2):  # compile and warm up
         state, metrics = step(state, batch)
     jax.block_until_ready(state)

@@ -374,7 +374,8 @@ def test_cli_skips_partial_and_refuses_corrupt_checkpoints(trained, tmp_path, ca
         "pass --step with one of 2\n"
     )
     meta = copy / "checkpoints" / "2" / "data_state" / "metadata"
-    meta.write_text(meta.read_text().replace('"processes"', '"processeS"'))
+    assert '"streams"' in meta.read_text()  # the data positions the trainer saved
+    meta.write_text(meta.read_text().replace('"streams"', '"streamS"'))
     assert E.main(["--workdir", str(copy), "--out", out]) == 2
     assert capsys.readouterr().err == (
         f"error: checkpoint step 2 in {copy / 'checkpoints'} failed its integrity check (data_state differs "

@@ -169,7 +169,9 @@ def fit_rows() -> list[str]:
         for loss in ("ce", "mile"):
             runs = _compiles(size, loss, tpu)
             if not runs:
-                lines.append(f"| {size} | {loss} | {tpu} | | | not compiled yet | | | | | |")
+                lines.append(
+                    f"| {size} | {loss} | {tpu} | | | not compiled (out of time here; rerun the script) | | | | | |"
+                )
                 continue
             fitting = [k for k, r in runs.items() if r["fits"]]
             k = min(fitting) if fitting else max(runs)

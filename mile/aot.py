@@ -84,22 +84,20 @@ def parse_slice(name: str) -> Slice:
     return Slice(name, gen, f"{gen}:{'x'.join(map(str, _grid(chips, rank)))}", chips)
 
 
-def _prepare_libtpu(tpu: Slice) -> None:
+def _libtpu_environment(tpu: Slice) -> dict[str, str]:
     """Environment for a compile-only libtpu: without these it looks for TPU metadata and worker
     hostnames, warns, and takes a process-wide lock that a second compile (or a test run) would hit."""
     accelerator = f"{_ACCELERATOR_TYPE[tpu.generation]}-{tpu.chips * _GENERATIONS[tpu.generation][1]}"
-    for key, value in {
+    return {
         "TPU_ACCELERATOR_TYPE": accelerator,
         "TPU_WORKER_HOSTNAMES": "localhost",
         "TPU_SKIP_MDS_QUERY": "1",
         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    }.items():
-        os.environ.setdefault(key, value)
+    }
 
 
 def topology_devices(tpu: Slice):
     """Compile-only devices of the slice (one per chip; v4 and v5p as megacore, like JAX on them)."""
-    _prepare_libtpu(tpu)
     try:
         import libtpu  # noqa: F401  (only to give a clear message when it is missing)
     except ImportError:
@@ -107,7 +105,16 @@ def topology_devices(tpu: Slice):
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if tpu.generation in ("v4", "v5p") else {}
-    return topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
+    # libtpu reads these once, when it initialises. They are removed again afterwards: left in
+    # the environment, a TPU worker hostname makes child processes (launch.py) believe they run
+    # on a multi-host cluster.
+    added = {k: v for k, v in _libtpu_environment(tpu).items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 # ---------------------------------------------------------------------------------------------

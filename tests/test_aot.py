@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for TPU slices (python -m mile.aot), from this CPU host."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,7 +76,9 @@ def libtpu():
 
 
 def test_topology_has_the_slice_chips_and_hosts(libtpu):
+    before = dict(os.environ)
     devices = aot.topology_devices(aot.parse_slice("v5p-64"))
+    assert dict(os.environ) == before  # no TPU worker variables leak to child processes
     assert len(devices) == 32 and len({d.process_index for d in devices}) == 8  # 4 chips per host
     assert flops.chip_for_device_kind(devices[0].device_kind) is flops.CHIPS["v5p"]
     devices = aot.topology_devices(aot.parse_slice("v5e-16"))

@@ -94,11 +94,13 @@ def test_vocab_parallel_bad_input():
     hidden, unembed, labels, mask = _inputs(seed=5, vocab=50)
     with jax.set_mesh(_mesh(2, 1, 4)):
         with pytest.raises(ValueError, match="vocabulary 50 does not divide over the 4 shards"):
-            fused_loss(hidden, unembed, labels, mask, batch_axes=("data",), vocab_axis="tensor")
+            fused_loss(hidden, unembed, labels, mask, loss="ce", batch_axes=("data",), vocab_axis="tensor")
         with pytest.raises(ValueError, match="vocab_axis 'data' is also a batch axis"):
-            fused_loss(hidden, unembed[:, :48], labels % 48, mask, batch_axes=("data",), vocab_axis="data")
+            fused_loss(
+                hidden, unembed[:, :48], labels % 48, mask, loss="ce", batch_axes=("data",), vocab_axis="data"
+            )
     with pytest.raises(ValueError, match="not all axes of the current mesh"):
-        fused_loss(hidden, unembed, labels, mask, vocab_axis="tensor")
+        fused_loss(hidden, unembed, labels, mask, loss="ce", vocab_axis="tensor")
 
 
 def test_vocab_parallel_axis_follows_the_rule_table():
@@ -129,7 +131,7 @@ def test_all_gather_check_sees_a_gathered_unembedding():
     for axis in (None, "tensor"):
 
         def value(h, w, axis=axis):
-            return fused_loss(h, w, labels, mask, batch_axes=("data",), vocab_axis=axis)[0]
+            return fused_loss(h, w, labels, mask, loss="mile", batch_axes=("data",), vocab_axis=axis)[0]
 
         with jax.set_mesh(mesh):
             args = (jax.device_put(hidden, rows), jax.device_put(unembed, head))

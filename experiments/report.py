@@ -14,6 +14,18 @@ from mile.metrics import read_metrics
 BUCKETS = ("easy", "medium", "difficult")
 
 
+
+def write_with_reading(report_path: str, lines: list[str]) -> None:
+    """Write a report whose lines end with a "## Reading" section holding the placeholder READING;
+    a reading already written by hand in an earlier report is kept across re-runs."""
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            old = f.read()
+        if "## Reading" in old:
+            lines = lines[:-2] + [old.split("## Reading", 1)[1].strip(), lines[-1]]
+    with open(report_path, "w") as f:
+        f.write("\n".join(lines))
+
 def make_verse_completion_task(data_cfg, path: str, *, num_examples=200, num_choices=4, seed=0) -> str:
     """A multiple-choice sanity task from held-out verses: the first half of a verse is the
     context; the choices are its real second half and the second halves of other verses."""
@@ -161,13 +173,7 @@ def evaluate_and_report(args, runs_dir: str, variants: dict) -> None:
         "",
     ]
     report_path = os.path.join(results_dir, f"{args.name}.md")
-    if os.path.exists(report_path):  # keep a hand-written reading across re-runs
-        with open(report_path) as f:
-            old = f.read()
-        if "## Reading" in old:
-            lines[-2] = old.split("## Reading", 1)[1].strip()
-    with open(report_path, "w") as f:
-        f.write("\n".join(lines))
+    write_with_reading(report_path, lines)
 
     colors = dict(zip(variants, ["tab:gray", "tab:orange", "tab:cyan", "tab:blue"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from experiments.report import write_with_reading
 from mile import data as mdata
 from mile import evaluate as ev
 from mile.data import synthetic as syn
@@ -193,13 +194,7 @@ def write_report(args, cfg, evals, seconds, timing) -> None:
         "",
     ]
     report_path = os.path.join(results_dir, f"{name}.md")
-    if os.path.exists(report_path):  # keep the hand-written reading across re-runs
-        with open(report_path) as f:
-            old = f.read()
-        if "## Reading" in old:
-            lines[-2] = old.split("## Reading", 1)[1].strip()
-    with open(report_path, "w") as f:
-        f.write("\n".join(lines))
+    write_with_reading(report_path, lines)
 
     # Bars: KL and excess loss per group, mean ± sd over seeds.
     fig, axes = plt.subplots(2, 1, figsize=(11, 7))

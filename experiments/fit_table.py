@@ -80,7 +80,7 @@ def compile_once(size, loss, tpu, k, head="fused") -> dict | None:
         f"--config.optim.num_microbatches={k}",
         f"--config.loss.head={head}",
         "--json",
-        path,
+        os.path.relpath(path, ROOT),  # relative: the command is logged, and runs with cwd=ROOT
     ]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(cmd[1:])}", flush=True)
     try:

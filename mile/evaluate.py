@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -72,7 +71,7 @@ from flax import nnx
 from mile import qa
 from mile.fewshot import draw_shots
 from mile.fused import fused_token_statistics
-from mile.jsonl import read_records
+from mile.jsonl import read_records, write_json
 
 BUCKET_NAMES = ("easy", "medium", "difficult")
 _MIN_MC_LEN = 16
@@ -576,11 +575,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         r = qa.evaluate_qa(model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed)
         result["qa"][name] = r
         print(f"qa {name}: em={r['em']:.4f} n={r['n']}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
     result["path"] = out
     return result

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from mile.data.synthetic import KINDS, Language, load_language
+from mile.jsonl import write_json
 
 FREQUENCY_BUCKETS = ("easy", "medium", "difficult")
 _FIELDS = ("tokens", "nll", "true_nll", "true_entropy", "kl", "entropy")
@@ -196,11 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"step {result['step']}: ground truth on the held-out split (nats)")
     print(format_table({g: result[g] for g in ("frequency", "context")}))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Reading JSONL task files, with errors that name the file and line."""
+"""JSON files: reading JSONL task files (errors name the file and line), writing results atomically."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
     if not records:
         raise ValueError(f"{kind} file {path} has no examples; add JSONL lines.")
     return records
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON to `path` via a temporary file and a rename, so a kill mid-write never
+    leaves a half-written result where a finished one was."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -26,6 +26,7 @@ from jax.experimental import topologies
 
 from configs import paper
 from mile import sharding as msharding
+from mile import state as mstate
 from mile import train as T
 from mile.model import Llama
 
@@ -40,7 +41,7 @@ def compiled_memory(size: str, attention: str, seq: int, batch_per_chip: int, de
     mesh = msharding.make_mesh(cfg.mesh, devices=devices)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     spec = T.check_config(cfg, mesh)
-    tx = T.make_optimizer(cfg.optim, cfg.train.steps)
+    tx = mstate.make_optimizer(cfg.optim, cfg.train.steps)
 
     def build():
         model = Llama(cfg.model, rngs=nnx.Rngs(0))
@@ -62,7 +63,7 @@ def compiled_memory(size: str, attention: str, seq: int, batch_per_chip: int, de
             mesh=mesh,
             chunk_size=None,
             num_microbatches=cfg.optim.num_microbatches,
-            schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps),
+            schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
             vocab_axis=msharding.vocab_parallel_axis(mesh, rules, cfg.model.embed_dim, cfg.model.vocab_size),
         ),
         in_shardings=(state_shardings, batch_sharding),

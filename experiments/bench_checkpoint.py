@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from configs import cpu
 from mile import integrity
 from mile import sharding as msharding
-from mile import train as T
+from mile import state as mstate
 from mile.checkpoint import Checkpointer
 
 DATA_STATE = {"processes": [{"position": 123, "epoch": 0}]}
@@ -37,7 +37,7 @@ DATA_STATE = {"processes": [{"position": 123, "epoch": 0}]}
 def _cpu_state():
     cfg = cpu.get_config()
     mesh = msharding.make_mesh(cfg.mesh)
-    _, state, build = T.build_state(cfg, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
+    _, state, build = mstate.build_state(cfg, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
     _, abstract = msharding.abstract_sharded(build, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
     return state, abstract, cfg.to_dict()
 

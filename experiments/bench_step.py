@@ -69,13 +69,14 @@ def mile_step(cfg, loss: str):
     import numpy as np
 
     from mile import sharding as msharding
+    from mile import state as mstate
     from mile import train
 
     cfg.loss.name = loss
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     mesh = msharding.make_mesh(cfg.mesh)
     spec = train.check_config(cfg, mesh)
-    graphdef, state, _ = train.build_state(cfg, mesh, rules)
+    graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = train.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)  # what the loop runs
     inputs, targets = _random_batch(cfg)

@@ -209,6 +209,7 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
 
     from mile import flops, train
     from mile import sharding as msharding
+    from mile import state as mstate
 
     devices = topology_devices(tpu) if devices is None else devices
     chip = flops.CHIPS[tpu.generation]
@@ -221,7 +222,7 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
             f"data.global_batch_size={rows} is not divisible by the slice's {hosts} hosts; use a multiple of {hosts}"
         )
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    graphdef, abstract_state = msharding.abstract_sharded(train.state_builder(cfg), mesh, rules)
+    graphdef, abstract_state = msharding.abstract_sharded(mstate.state_builder(cfg), mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     batch_shard = msharding.batch_sharding(mesh)
     batch = {

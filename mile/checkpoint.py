@@ -2,7 +2,7 @@
 
 One checkpoint per step under `<workdir>/checkpoints/<step>/`, a composite of three items:
 
-  state       StandardSave: the pytree of jax arrays (params, optimiser state, rng key, step).
+  state       StandardSave: the pytree of jax arrays (model parameters, optimiser state and step).
   data_state  JsonSave: the data iterator's JSON-serialisable state.
   config      JsonSave: the run config as a plain dict (ConfigDict.to_dict()).
 
@@ -98,8 +98,18 @@ def _quiet_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
+def checkpoint_dir(workdir) -> str:
+    """Where a run in `workdir` keeps its checkpoints."""
+    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
 class Checkpointer:
     """Save / restore (state pytree, data iterator state, config) by step."""
+
+    @classmethod
+    def reader(cls, directory) -> "Checkpointer":
+        """One that only reads: never creates, saves or deletes anything."""
+        return cls(directory, max_to_keep=None, read_only=True)
 
     def __init__(
         self, directory, *, max_to_keep: int | None, async_save: bool = True, read_only: bool = False
@@ -264,7 +274,7 @@ def restore_latest_verified(directory, abstract_state) -> Restored | None:
     """
     if not os.path.isdir(directory):
         return None
-    with Checkpointer(directory, max_to_keep=None, read_only=True) as ck:
+    with Checkpointer.reader(directory) as ck:
         steps = ck.finalized_steps()
         rejected = []
         for step in reversed(steps):

@@ -68,7 +68,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mile import qa
+from mile import atomic, qa
 from mile.fewshot import draw_shots
 from mile.fused import fused_token_statistics
 from mile.jsonl import read_records, write_json
@@ -134,9 +134,8 @@ def token_counts(prepared, data_cfg: Any = None, *, batch_docs: int = 1024, cach
         counts += np.bincount(flat, minlength=vocab)[:vocab]
     counts[tokenizer.eos_id] += len(source)  # the separator after every document
     if cache:
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, counts)
-        os.replace(tmp, path)  # atomic: a present cache file is always complete
+        with atomic.replacing(path) as tmp:  # a present cache file is always complete
+            np.save(tmp, counts)
     return counts
 
 
@@ -519,7 +518,7 @@ def _task_name(path: str, taken: Mapping) -> str:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from mile import data as mdata
-    from mile.train import load_trained_model
+    from mile.restore import load_trained_model
 
     cut_points = _parse_cut_points(args.cut_points)
     if not os.path.isdir(args.workdir):

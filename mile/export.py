@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     try:
         # Fail before the (slow) restore if the output would be overwritten.
         _check_out_dir(pathlib.Path(args.out))
-        from mile.train import load_trained_model
+        from mile.restore import load_trained_model
 
         model, cfg, step = load_trained_model(args.workdir, step=args.step)
         tokenizer_path = args.tokenizer

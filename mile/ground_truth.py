@@ -146,7 +146,7 @@ def evaluate_workdir(
     ``eval_batches`` batches)."""
     from mile import data as mdata
     from mile import evaluate as ev
-    from mile.train import load_trained_model
+    from mile.restore import load_trained_model
 
     model, cfg, step = load_trained_model(workdir, step=step)
     if cfg.data.source != "synthetic":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from mile import atomic
+
 
 def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
     """(where, record) for each non-blank line; `where` is "path:line" for error messages."""
@@ -30,8 +32,4 @@ def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as JSON to `path` via a temporary file and a rename, so a kill mid-write never
     leaves a half-written result where a finished one was."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1))

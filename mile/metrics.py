@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any, Mapping
 
+from mile import atomic
+
 
 def _to_float(v: Any) -> float:
     # Accepts Python numbers, NumPy scalars and 0-d jax / numpy arrays.
@@ -92,10 +94,7 @@ def truncate_metrics(path, last_step: int) -> int:
         except (ValueError, KeyError, TypeError):
             pass
     if kept != lines:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic.write_text(path, "".join(kept))
     return len(lines) - len(kept)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -20,21 +19,17 @@ import optax
 from absl import logging
 from flax import nnx
 
+from mile import atomic
 from mile import data as mdata
 from mile import flops as mflops
 from mile import losses as L
 from mile import multihost
 from mile import sharding as msharding
-from mile.checkpoint import (
-    Checkpointer,
-    CorruptCheckpointError,
-    config_mismatch,
-    restore_latest_verified,
-    set_aside,
-)
+from mile.checkpoint import Checkpointer, checkpoint_dir, config_mismatch
 from mile.fused import fused_loss_terms
 from mile.metrics import MetricsWriter, ProgressBar
-from mile.model import Llama
+from mile.restore import existing_checkpoint, resume
+from mile.state import build_state, learning_rate_schedule
 
 
 class TrainingError(RuntimeError):
@@ -140,63 +135,6 @@ def check_config(cfg, mesh) -> L.LossSpec:
 # ---------------------------------------------------------------------------------------------
 # Model, optimiser, state.
 # ---------------------------------------------------------------------------------------------
-
-
-def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to end_learning_rate."""
-    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=optim_cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=optim_cfg.end_learning_rate,
-    )
-
-
-def _decay_mask(params: nnx.State, no_decay) -> Any:
-    """True for parameters that get weight decay: none whose path contains a `no_decay` string."""
-
-    def decays(path, _):
-        name = ".".join(str(getattr(p, "key", p)) for p in path)
-        return not any(word in name for word in no_decay)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(optim_cfg, total_steps)
-    no_decay = tuple(optim_cfg.no_decay)
-    return optax.chain(
-        optax.clip_by_global_norm(optim_cfg.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=optim_cfg.b1,
-            b2=optim_cfg.b2,
-            eps=optim_cfg.eps,
-            weight_decay=optim_cfg.weight_decay,
-            mask=lambda p: _decay_mask(p, no_decay),
-        ),
-    )
-
-
-def state_builder(cfg):
-    """A function that builds (model, optimiser) for `cfg` (run it sharded, or abstractly)."""
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-
-    def build():
-        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    return build
-
-
-def build_state(cfg, mesh, rules):
-    """(graphdef, sharded state) of model + optimiser, created directly with target shardings."""
-    build = state_builder(cfg)
-    model, optimizer = msharding.create_sharded(build, mesh, rules)
-    graphdef, state = nnx.split((model, optimizer))
-    return graphdef, state, build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,43 +361,6 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir {workdir} lies under the file {parent}; pass a directory path")
 
 
-def _existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
-    """(latest step, the config of the newest step whose config reads and verifies), creating nothing."""
-    if not os.path.isdir(ckpt_dir):
-        return None, None
-    with Checkpointer(ckpt_dir, max_to_keep=None, read_only=True) as checkpointer:
-        steps = checkpointer.finalized_steps()
-        for step in reversed(steps):
-            try:
-                return steps[-1], checkpointer.saved_config(step)
-            except CorruptCheckpointError:
-                continue  # the full check, with its message and fallback, comes at restore
-        return (steps[-1] if steps else None), None
-
-
-def _resume(ckpt_dir: str, abstract, primary: bool) -> tuple[int, Any, dict | None]:
-    """(step, state, data_state) of the newest checkpoint that verifies; (0, None, None) if none.
-
-    Newer steps that fail their integrity check are moved to <workdir>/corrupt_checkpoints/ (never
-    deleted) with one line each, so the run goes on from the previous verified step and later saves
-    do not collide with them. When no step verifies, CorruptCheckpointError names each and nothing moves.
-    """
-    restored = restore_latest_verified(ckpt_dir, abstract)
-    if restored is None:
-        return 0, None, None
-    for bad in restored.rejected if primary else ():
-        moved = set_aside(ckpt_dir, bad.step)
-        print(
-            f"warning: {bad}; resuming from step {restored.step} instead (moved it to {moved})",
-            file=sys.stderr,
-        )
-    if restored.rejected and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("mile_set_aside_corrupt_checkpoints")
-    return restored.step, restored.state, restored.data_state
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last metrics.
 
@@ -474,8 +375,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     primary = jax.process_index() == 0
     config_dict = json.loads(cfg.to_json())
 
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    latest, saved = _existing_checkpoint(ckpt_dir)
+    ckpt_dir = checkpoint_dir(workdir)
+    latest, saved = existing_checkpoint(ckpt_dir)
     if saved is not None:
         diff = config_mismatch(saved, config_dict)
         if diff:
@@ -497,7 +398,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     start_step, data_state = 0, None
     if latest is not None:
         _, abstract = msharding.abstract_sharded(build, mesh, rules)
-        start_step, restored, data_state = _resume(ckpt_dir, abstract, primary)
+        start_step, restored, data_state = resume(ckpt_dir, abstract, primary)
         state = restored if restored is not None else state
     # Everything checked: only now may the workdir be created or written.
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
@@ -523,8 +424,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         os.makedirs(workdir, exist_ok=True)
         config_path = os.path.join(workdir, "config.json")
         if not os.path.exists(config_path):
-            with open(config_path, "w") as f:
-                f.write(cfg.to_json_best_effort(indent=2))
+            atomic.write_text(config_path, cfg.to_json_best_effort(indent=2))
 
     chunk = cfg.loss.chunk_size or None
     step_fn = jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
@@ -615,42 +515,3 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         bar.close()
         writer.close()
     return last
-
-
-def load_trained_model(workdir: str, *, step: int | None = None, mesh=None):
-    """(model, config, step) restored from a workdir's checkpoint (default: the latest).
-
-    The config is the one saved with the checkpoint, so the model is rebuilt exactly as trained.
-    Read-only: a missing step or one that fails its integrity check is a ValueError naming the
-    steps there are (no fallback here: results must be labelled with the step they came from).
-    """
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
-    with Checkpointer(ckpt_dir, max_to_keep=None, read_only=True) as checkpointer:
-        steps = checkpointer.finalized_steps()
-        if not steps:
-            raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
-        step = steps[-1] if step is None else int(step)
-        others = ", ".join(str(s) for s in checkpointer.all_steps() if s != step)
-        hint = f"; pass --step with one of {others}" if others else "; there is no other complete checkpoint"
-        if step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {workdir}{hint}")
-        try:
-            cfg = ml_collections.ConfigDict(checkpointer.saved_config(step))
-            cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
-            if mesh is None:
-                mesh = msharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-            rules = cfg.sharding_rules
-            tx = make_optimizer(cfg.optim, cfg.train.steps)
-
-            def build():
-                model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
-                return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-            graphdef, abstract = msharding.abstract_sharded(build, mesh, rules)
-            state, _ = checkpointer.restore(step, abstract)
-        except CorruptCheckpointError as e:
-            raise ValueError(f"{e}{hint}") from None
-    model, _ = nnx.merge(graphdef, state)
-    return model, cfg, step

@@ -8,13 +8,14 @@ import pytest
 from flax import nnx
 
 from mile import sharding as msharding
+from mile import state as mstate
 from mile import train as T
 from train_helpers import tiny_config
 
 
 def _one_step(cfg, mesh, batch):
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    graphdef, state, _ = T.build_state(cfg, mesh, rules)
+    graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     spec = T.check_config(cfg, mesh)
     step = T.jit_train_step(cfg, graphdef, spec, mesh, jax.tree.map(lambda x: x.sharding, state))
     with jax.set_mesh(mesh):

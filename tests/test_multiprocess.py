@@ -18,6 +18,7 @@ import pytest
 
 from mile import data as mdata
 from mile import sharding as msharding
+from mile import state as mstate
 from mile import train as T
 from mile.checkpoint import Checkpointer
 from multiprocess_helpers import REPO, Job
@@ -119,7 +120,7 @@ def _restore(workdir, step=STEPS):
         cfg = ml_collections.ConfigDict(ck.saved_config(step))
         cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
         mesh = msharding.make_mesh(cfg.mesh)
-        _, abstract = msharding.abstract_sharded(T.state_builder(cfg), mesh, cfg.sharding_rules)
+        _, abstract = msharding.abstract_sharded(mstate.state_builder(cfg), mesh, cfg.sharding_rules)
         state, data_state = ck.restore(step, abstract)
     return jax.tree.map(np.asarray, state), data_state
 

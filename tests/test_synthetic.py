@@ -156,6 +156,7 @@ def test_the_true_table_scores_exactly_the_recorded_truth(prepared):
 def test_a_tiny_run_has_non_negative_excess_loss(prepared, tmp_path):
     from mile import evaluate as ev
     from mile import train
+    from mile.restore import load_trained_model
 
     cfg, prep = prepared
     cfg = cfg.copy_and_resolve_references()
@@ -165,7 +166,7 @@ def test_a_tiny_run_has_non_negative_excess_loss(prepared, tmp_path):
     train.train(cfg, workdir)
     result = gt.evaluate_workdir(workdir)
     # Per-position statistics, to size the sampling noise of the excess loss.
-    model, _, _ = train.load_trained_model(workdir)
+    model, _, _ = load_trained_model(workdir)
     language, _ = syn.load_language(prep.tokenizer_path)
     stats_fn = gt.make_truth_stats_fn(model, language)
     diffs, kls = [], []

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from mile import sharding as msharding
+from mile import state as mstate
 from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.losses import loss_from_config
@@ -23,7 +24,7 @@ from train_helpers import REPO, tiny_config
 
 def _step_setup(cfg, mesh):
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    graphdef, state, _ = T.build_state(cfg, mesh, rules)
+    graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
         T.make_train_step(
@@ -32,7 +33,7 @@ def _step_setup(cfg, mesh):
             mesh=mesh,
             chunk_size=None,
             num_microbatches=cfg.optim.num_microbatches,
-            schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps),
+            schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
         ),
         in_shardings=(shardings, msharding.batch_sharding(mesh)),
         out_shardings=(shardings, None),
@@ -137,7 +138,7 @@ def test_resume_is_bit_exact(tmp_path):
     def restored(workdir, step):
         mesh = msharding.make_mesh(cfg.mesh)
         rules = tuple(tuple(r) for r in cfg.sharding_rules)
-        _, _, build = T.build_state(cfg, mesh, rules)
+        _, _, build = mstate.build_state(cfg, mesh, rules)
         _, abstract = msharding.abstract_sharded(build, mesh, rules)
         with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=5) as ck:
             return ck.restore(step, abstract)
@@ -272,7 +273,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capf
 
     mesh = msharding.make_mesh(cfg.mesh)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    _, _, build = T.build_state(cfg, mesh, rules)
+    _, _, build = mstate.build_state(cfg, mesh, rules)
     _, abstract = msharding.abstract_sharded(build, mesh, rules)
     with Checkpointer(str(wd / "checkpoints"), max_to_keep=None, read_only=True) as ck:
         redone, _ = ck.restore(4, abstract)
@@ -454,7 +455,7 @@ def test_weight_decay_skips_norm_scales_only():
     from mile.model import Llama
 
     params = nnx.state(Llama(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    mask = T._decay_mask(params, ("norm",))
+    mask = mstate._decay_mask(params, ("norm",))
     decayed = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert {k for k, v in decayed.items() if not v} == {k for k in decayed if "norm" in k} and any(
         "norm" in k for k in decayed

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mile import sharding as msharding
+from mile import state as mstate
 from mile import train as T
 from mile.fused import fused_loss
 from mile.losses import loss_from_config
@@ -149,7 +150,7 @@ def _compiled_train_step(cfg, graphdef, state, mesh, batch, vocab_axis):
             mesh=mesh,
             chunk_size=None,
             num_microbatches=1,
-            schedule=T.learning_rate_schedule(cfg.optim, cfg.train.steps),
+            schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
             vocab_axis=vocab_axis,
         ),
         in_shardings=(shardings, msharding.batch_sharding(mesh)),
@@ -180,7 +181,7 @@ def test_train_step_vocab_parallel_equals_one_device_and_gathers_no_vocabulary(t
     vocab_axis = msharding.vocab_parallel_axis(mesh, rules, cfg.model.embed_dim, vocab)
     assert vocab_axis == "tensor"
     for name, m, axis in (("one", one, None), ("vocab", mesh, vocab_axis)):
-        graphdef, state, _ = T.build_state(cfg, m, rules)
+        graphdef, state, _ = mstate.build_state(cfg, m, rules)
         sharded = T.global_batch(batch, msharding.batch_sharding(m))
         step = _compiled_train_step(cfg, graphdef, state, m, sharded, axis)
         new_state, metrics = step(state, sharded)

@@ -19,6 +19,8 @@ import subprocess
 import tempfile
 from typing import Iterator, Sequence
 
+from mile import atomic
+
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
 
 
@@ -103,12 +105,10 @@ def _chapters_from_bible_output(text: str) -> list[str]:
 
 
 def _write_jsonl_atomically(path: pathlib.Path, docs: Sequence[str], key: str = "text") -> None:
-    # Write then rename, so an interrupted run never leaves a half-written cache file.
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # An interrupted run never leaves a half-written cache file.
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({key: doc}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: str | os.PathLike, docs: Sequence[str], key: str = "text") -> pathlib.Path:

@@ -58,6 +58,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mile import atomic
+
 RESERVED = 4  # unk, bos, eos, pad: the ids the SentencePiece tokenizer reserves
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
 KINDS = ("deterministic", "multi-label", "flat")
@@ -363,17 +365,17 @@ def prepare(data_cfg: Any, cache_dir: pathlib.Path):
             )
         entropy, logp = position_truth(language, heldout_stream(heldout))
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"language.tmp{os.getpid()}.npz"
-        np.savez(
-            tmp,
-            probs=language.probs,
-            kind=language.kind,
-            stationary=language.stationary,
-            heldout_entropy=entropy,
-            heldout_logp=logp,
-            spec=np.asarray(json.dumps(dataclasses.asdict(spec))),
-        )
-        os.replace(tmp, language_path)  # last: a present language.npz means a complete dataset
+        # Last: a present language.npz means a complete dataset.
+        with atomic.replacing(language_path) as tmp:
+            np.savez(
+                tmp,
+                probs=language.probs,
+                kind=language.kind,
+                stationary=language.stationary,
+                heldout_entropy=entropy,
+                heldout_logp=logp,
+                spec=np.asarray(json.dumps(dataclasses.asdict(spec))),
+            )
     return PreparedData(
         tokenizer=IdTokenizer(path=language_path, size=spec.vocab_size),
         tokenizer_path=language_path,

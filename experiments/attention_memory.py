@@ -27,6 +27,7 @@ from jax.experimental import topologies
 from configs import paper
 from mile import sharding as msharding
 from mile import state as mstate
+from mile import step as mstep
 from mile import train as T
 from mile.model import Llama
 
@@ -57,7 +58,7 @@ def compiled_memory(size: str, attention: str, seq: int, batch_per_chip: int, de
         "mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding),
     }
     step = jax.jit(
-        T.make_train_step(
+        mstep.make_train_step(
             graphdef,
             spec,
             mesh=mesh,

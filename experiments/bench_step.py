@@ -3,7 +3,7 @@
 The reference stack is what the paper's code runs: Hugging Face `LlamaForCausalLM` (eager, sdpa
 attention) with materialised logits, the reference MiLe loss (softmax, clamped entropy,
 `(sigma + H)^gamma` weights normalised by their mean) or plain CE, and `torch.optim.AdamW` with
-global-norm clipping. mile runs `mile.train.make_train_step` (fused LM head, exact normaliser,
+global-norm clipping. mile runs `mile.step.make_train_step` (fused LM head, exact normaliser,
 non-finite skip) under `jax.jit` with donation, exactly as training does.
 
 Each (stack, loss) is measured in its own process, so neither stack's threads or caches disturb
@@ -70,6 +70,7 @@ def mile_step(cfg, loss: str):
 
     from mile import sharding as msharding
     from mile import state as mstate
+    from mile import step as mstep
     from mile import train
 
     cfg.loss.name = loss
@@ -78,7 +79,7 @@ def mile_step(cfg, loss: str):
     spec = train.check_config(cfg, mesh)
     graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = train.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)  # what the loop runs
+    step_fn = mstep.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)  # what the loop runs
     inputs, targets = _random_batch(cfg)
     batch = train.global_batch(
         {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)},

@@ -4,7 +4,7 @@
     python -m mile.aot --config configs/paper.py:468m,ce --topology v5e-16 --find-microbatches --json fit.json
 
 No TPU is needed: libtpu (requirements-tpu.txt) compiles for a described slice ahead of time. The
-step is `mile.train.jit_train_step`, the function the training loop runs, lowered with abstract
+step is `mile.step.jit_train_step`, the function the training loop runs, lowered with abstract
 (never allocated) state and batch. Reported per chip: the compiled memory against the chip's HBM,
 the collectives in the compiled program, analytic model FLOPs and a roofline estimate of the
 step time and MFU. Chip figures come from `mile.flops.CHIPS` (published peaks: estimates).
@@ -210,6 +210,7 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     from mile import flops, train
     from mile import sharding as msharding
     from mile import state as mstate
+    from mile import step as mstep
 
     devices = topology_devices(tpu) if devices is None else devices
     chip = flops.CHIPS[tpu.generation]
@@ -230,7 +231,7 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
         "targets": jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_shard),
         "mask": jax.ShapeDtypeStruct((rows, seq), jnp.float32, sharding=batch_shard),
     }
-    step = train.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
+    step = mstep.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
 
     report = {
         "slice": tpu.name,

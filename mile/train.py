@@ -1,43 +1,72 @@
-"""Training: state, a pure sharded train step, evaluation, and the loop.
+"""Training: check and prepare a run, then the loop.
 
 Data flows one way: config -> mesh -> (data, model, optimiser) -> step -> metrics/checkpoints.
-The step receives a LossSpec chosen by the config and never looks at the loss's name.
+`prepare_run` does everything that can fail before the workdir is touched (config checks,
+compatibility with its checkpoints, data, state, resume); `train` is the loop. The step itself
+(`mile.step`) receives a LossSpec chosen by the config and never looks at the loss's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx
 
-from mile import atomic
+from mile import atomic, fields, multihost
 from mile import data as mdata
 from mile import flops as mflops
 from mile import losses as L
-from mile import multihost
 from mile import sharding as msharding
 from mile.checkpoint import Checkpointer, checkpoint_dir, config_mismatch
-from mile.fused import fused_loss_terms
 from mile.metrics import MetricsWriter, ProgressBar
 from mile.restore import existing_checkpoint, resume
-from mile.state import build_state, learning_rate_schedule
+from mile.state import OptimConfig, build_state
+from mile.step import LOSS_HEADS, jit_eval_step, jit_train_step
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. repeated non-finite losses); the message says why."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The run config's `train` section: how long, and how often each periodic action runs."""
+
+    steps: int = 300  # optimiser updates in the whole run
+    log_every: int = 10  # train metrics row (and progress bar) every N steps
+    eval_every: int = 100  # validation every N steps, and at the last step
+    eval_batches: int = 8  # global batches per validation
+    checkpoint_every: int = 100  # a checkpoint every N steps, and where the run stops
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite steps
+    distributed: str = "auto"  # "auto" | "yes" | "no": call jax.distributed.initialize()
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "TrainConfig":
+        return fields.section(cls, cfg)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.type == "int":
+                why = " (0 would delete every checkpoint)" if f.name == "keep_checkpoints" else ""
+                fields.whole_number(f"train.{f.name}", getattr(self, f.name), why=why)
+        fields.one_of("train.distributed", self.distributed, ("auto", "yes", "no"))
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action runs after `step`: every `every` steps, and at step `last`."""
+    return step % every == 0 or step == last
+
+
 # ---------------------------------------------------------------------------------------------
-# Configuration checks: everything that can be known before touching the workdir.
+# Checks: everything that can be known before touching the workdir.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -45,54 +74,12 @@ def data_parallel_size(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-# Fields that must be whole numbers >= 1, and the extra reason some of them give.
-_AT_LEAST_ONE = {
-    "train.steps": "",
-    "train.log_every": "",
-    "train.eval_every": "",
-    "train.eval_batches": "",
-    "train.checkpoint_every": "",
-    "train.keep_checkpoints": " (0 would delete every checkpoint)",
-    "train.max_nonfinite_steps": "",
-    "optim.num_microbatches": "",
-    "data.global_batch_size": "",
-    "data.seq_len": "",
-}
-# Float fields: (lowest allowed, whether the lowest itself is allowed, upper bound excluded or None).
-_NUMBERS = {
-    "optim.learning_rate": (0.0, True, None),
-    "optim.end_learning_rate": (0.0, True, None),
-    "optim.weight_decay": (0.0, True, None),
-    "optim.clip_norm": (0.0, False, None),
-    "optim.eps": (0.0, False, None),
-    "optim.b1": (0.0, True, 1.0),
-    "optim.b2": (0.0, True, 1.0),
-}
-
-
-def _field(cfg, dotted: str):
-    section, name = dotted.split(".")
-    return cfg[section][name]
-
-
 def check_fields(cfg) -> None:
-    """Ranges of the numeric run settings; ValueError naming the first bad field and its fix."""
-    for key, why in _AT_LEAST_ONE.items():
-        v = _field(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(
-                f"{key}={v!r} must be a whole number >= 1{why}; pass --config.{key}=N with N >= 1"
-            )
-    warmup = cfg.optim.warmup_steps
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
-        raise ValueError(f"optim.warmup_steps={warmup!r} must be a whole number >= 0; pass 0 or more")
-    for key, (low, low_ok, high) in _NUMBERS.items():
-        v = _field(cfg, key)
-        number = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-        ok = number and np.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v < high)
-        if not ok:
-            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
-            raise ValueError(f"{key}={v!r} must be a finite number {bound}; set --config.{key} in that range")
+    """Each section's own fields (types and ranges); ValueError naming the first bad one and its fix."""
+    TrainConfig.from_cfg(cfg.train)
+    OptimConfig.from_cfg(cfg.optim)
+    for key in ("global_batch_size", "seq_len"):
+        fields.whole_number(f"data.{key}", cfg.data[key])
 
 
 def check_config(cfg, mesh) -> L.LossSpec:
@@ -110,8 +97,13 @@ def check_config(cfg, mesh) -> L.LossSpec:
             f"tokenizer vocab data.vocab_size={d.vocab_size} is larger than model.vocab_size={m.vocab_size}; "
             "raise --config.model.vocab_size or lower --config.data.vocab_size"
         )
-    dp = data_parallel_size(mesh)
-    k = cfg.optim.num_microbatches
+    _check_batch_split(d, cfg.optim.num_microbatches, data_parallel_size(mesh))
+    fields.one_of("loss.head", cfg.loss.head, LOSS_HEADS)
+    return spec
+
+
+def _check_batch_split(d, k: int, dp: int) -> None:
+    """The global batch must split evenly over data-parallel shards, micro-batches and streams."""
     if d.global_batch_size % dp:
         raise ValueError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by the data-parallel size "
@@ -127,189 +119,90 @@ def check_config(cfg, mesh) -> L.LossSpec:
             f"data.global_batch_size={d.global_batch_size} cannot be split into data.shards={d.shards} "
             f"streams ({jax.process_count()} processes if 0); set --config.data.shards to a divisor of it"
         )
-    if cfg.loss.head not in LOSS_HEADS:
-        raise ValueError(f"loss.head={cfg.loss.head!r}; use one of {', '.join(LOSS_HEADS)}")
-    return spec
+
+
+def check_workdir(workdir: str) -> None:
+    """ValueError unless `workdir` (and its checkpoints/) is a directory or can become one."""
+    for path in (os.path.join(workdir, "checkpoints"), workdir):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{path} is a file, not a directory; pass a directory as --workdir")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir {workdir} lies under the file {parent}; pass a directory path")
+
+
+def _check_compatible(workdir: str, ckpt_dir: str, config_dict: dict) -> int | None:
+    """The workdir's latest checkpoint step (None if none); ValueError if it is from another model/data."""
+    latest, saved = existing_checkpoint(ckpt_dir)
+    diff = None if saved is None else config_mismatch(saved, config_dict)
+    if diff:
+        raise ValueError(
+            f"workdir {workdir} holds a checkpoint from an incompatible config ({diff}); "
+            "use a new --workdir or restore the old setting"
+        )
+    return latest
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimiser, state.
+# Preparing a run.
 # ---------------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# The step.
-# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """A checked run, its data prepared and its state built or restored; nothing written yet."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    spec: L.LossSpec
+    prepared: mdata.PreparedData
+    graphdef: Any
+    state: Any
+    start_step: int  # the restored step; 0 for a fresh run
+    data_state: dict | None  # the restored data position; None for a fresh run
+
+    @property
+    def ckpt_dir(self) -> str:
+        return checkpoint_dir(self.workdir)
+
+    @property
+    def config_dict(self) -> dict:
+        return json.loads(self.cfg.to_json())
 
 
-LOSS_HEADS = ("fused", "materialised")  # config loss.head
+def _prepare_data(cfg) -> mdata.PreparedData:
+    # Process 0 builds the data caches; the others wait, then read them (a shared filesystem
+    # would otherwise see every host write the same files at once).
+    prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
+    if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            "raise --config.model.vocab_size or lower --config.data.vocab_size"
+        )
+    return prepared
 
 
-def batch_loss_terms(
-    model, batch, spec: L.LossSpec, *, mesh, chunk_size: int | None, head: str = "fused", vocab_axis=None
-):
-    """The loss terms of a token batch: the model's hidden states through the LM head.
-
-    "fused" (the default) tiles the head matmul and loss on each device's own rows (and, with
-    `vocab_axis`, its vocabulary slice), never holding the logits. "materialised" is the reference
-    code's way, kept to measure what fusion saves: the full [batch, seq, vocab] logits, then
-    softmax and entropy over them."""
-    hidden = model(batch["inputs"])
-    if head == "materialised":
-        # Each device holds the logits of its own rows, as each data-parallel rank does in the
-        # reference code (left alone, GSPMD may shard the matmul's hidden axis and gather rows).
-        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(msharding.BATCH_AXES))
-        logits = jax.lax.with_sharding_constraint(hidden @ model.unembedding(), rows)
-        return L.loss_terms(spec, logits, batch["targets"], batch["mask"])
-    return fused_loss_terms(
-        spec,
-        hidden,
-        model.unembedding(),
-        batch["targets"],
-        batch["mask"],
-        chunk_size=chunk_size,
-        batch_axes=msharding.BATCH_AXES,
-        mesh=mesh,
-        vocab_axis=vocab_axis,
-    )
-
-
-def _split_microbatches(batch, k: int):
-    """[G, ...] -> [k, G/k, ...] taking every k-th row, so each micro-batch spans all shards."""
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def make_train_step(
-    graphdef,
-    spec: L.LossSpec,
-    *,
-    mesh,
-    chunk_size: int | None,
-    num_microbatches: int,
-    schedule: optax.Schedule,
-    head: str = "fused",
-    vocab_axis: str | None = None,
-):
-    """A pure step(state, batch) -> (state, metrics). The loss normaliser is exact over the
-    whole optimiser batch: micro-batches add their terms and numerator gradients, and the sum
-    is divided once. A non-finite loss or gradient leaves the state unchanged (the loop counts
-    and stops)."""
-
-    def step(state, batch):
-        model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def numerator(p, mb):
-            terms = batch_loss_terms(
-                nnx.merge(model_def, p, rest),
-                mb,
-                spec,
-                mesh=mesh,
-                chunk_size=chunk_size,
-                head=head,
-                vocab_axis=vocab_axis,
-            )
-            return terms["numerator"], terms
-
-        grad_fn = jax.value_and_grad(numerator, has_aux=True)
-        if num_microbatches == 1:
-            (_, terms), grads = grad_fn(params, batch)
-        else:
-
-            def accumulate(carry, mb):
-                grads_acc, terms_acc = carry
-                (_, t), g = grad_fn(params, mb)
-                return (jax.tree.map(jnp.add, grads_acc, g), L.combine_terms(terms_acc, t)), None
-
-            mbs = _split_microbatches(batch, num_microbatches)
-            first = jax.tree.map(lambda x: x[0], mbs)
-            rest_mbs = jax.tree.map(lambda x: x[1:], mbs)
-            (_, terms0), grads0 = grad_fn(params, first)
-            (grads, terms), _ = jax.lax.scan(accumulate, (grads0, terms0), rest_mbs)
-
-        loss, aux = L.finalize_terms(terms)
-        den = terms["denominator"]
-        grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        lr = schedule(optimizer.step[...])
-
-        # A snapshot of the arrays: nnx.state shares Variables, which update() changes in place.
-        old_state = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
-        optimizer.update(model, grads)
-        new_state = nnx.state((model, optimizer))
-        finite &= jnp.isfinite(optax.tree.norm(nnx.state(model, nnx.Param)))
-        # Skip a step whose loss, gradient or update is non-finite: keep the last good state.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
-        metrics = {
-            "loss": loss,
-            "ce": aux["nll"],
-            "entropy": aux["entropy"],
-            "weight_mean": aux["weight_mean"],
-            "weight_min": aux["weight_min"],
-            "weight_max": aux["weight_max"],
-            "tokens": aux["num_tokens"],
-            "grad_norm": grad_norm,
-            "learning_rate": lr,
-            "finite": finite,
-        }
-        return new_state, metrics
-
-    return step
-
-
-def vocab_axis_of(cfg, mesh) -> str | None:
-    """The mesh axis the rule table splits the head's vocabulary over (the fused loss then splits
-    its softmax the same way), or None."""
+def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Checks, compatibility with the workdir's checkpoints, data, state, resume: all before the
+    workdir is created or written, so a run that cannot start changes nothing."""
+    check_fields(cfg)
+    check_workdir(workdir)
+    mesh = msharding.make_mesh(cfg.mesh)
+    spec = check_config(cfg, mesh)
+    ckpt_dir = checkpoint_dir(workdir)
+    latest = _check_compatible(workdir, ckpt_dir, json.loads(cfg.to_json()))
+    prepared = _prepare_data(cfg)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    return msharding.vocab_parallel_axis(mesh, rules, cfg.model.embed_dim, cfg.model.vocab_size)
-
-
-def jit_train_step(cfg, graphdef, spec: L.LossSpec, mesh, state_shardings):
-    """The run's train step under jax.jit with its shardings and donation: what the loop calls and
-    what `mile.aot` compiles for a TPU slice."""
-    step = make_train_step(
-        graphdef,
-        spec,
-        mesh=mesh,
-        chunk_size=cfg.loss.chunk_size or None,
-        num_microbatches=cfg.optim.num_microbatches,
-        schedule=learning_rate_schedule(cfg.optim, cfg.train.steps),
-        head=cfg.loss.head,
-        vocab_axis=vocab_axis_of(cfg, mesh),
-    )
-    batch_shard = msharding.batch_sharding(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_shard),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
-
-
-def make_eval_step(graphdef, *, mesh, chunk_size: int | None, vocab_axis: str | None = None):
-    """Validation terms under plain cross-entropy (comparable across losses)."""
-    ce = L.get_loss("ce")
-
-    def step(state, batch):
-        model, _ = nnx.merge(graphdef, state)
-        return batch_loss_terms(model, batch, ce, mesh=mesh, chunk_size=chunk_size, vocab_axis=vocab_axis)
-
-    return step
-
-
-def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """A global array from each process's rows (every process passes its own slice)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
-# ---------------------------------------------------------------------------------------------
-
-
-def _to_float(metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    graphdef, state, build = build_state(cfg, mesh, rules)
+    step, data_state = 0, None
+    if latest is not None:
+        _, abstract = msharding.abstract_sharded(build, mesh, rules)
+        step, restored, data_state = resume(ckpt_dir, abstract, jax.process_index() == 0)
+        state = restored if restored is not None else state
+    return Run(cfg, workdir, mesh, spec, prepared, graphdef, state, step, data_state)
 
 
 def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches: int | None = None):
@@ -334,9 +227,38 @@ def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches
     )
 
 
-def evaluate(eval_step, state, cfg, prepared, batch_shard, num_streams: int) -> dict[str, float]:
+def open_train_batches(run: Run) -> multihost.StreamBatches:
+    """The training batches, positioned after the restored step."""
+    # Checkpoints from before data streams hold one position per process under "processes":
+    # process p read exactly what stream p of as many streams reads.
+    saved = None if run.data_state is None else run.data_state.get("streams", run.data_state.get("processes"))
+    num_streams = multihost.resolve_num_streams(run.cfg.data.shards, jax.process_count(), saved)
+    batches = stream_batches(run.cfg, run.prepared, msharding.batch_sharding(run.mesh), num_streams)
+    if saved is not None:
+        batches.set_state(saved)
+        logging.info("resumed from step %d in %s", run.start_step, run.ckpt_dir)
+    if jax.process_count() > 1:
+        shared = "" if batches.whole else " (shared with other processes: more shards would avoid re-reading)"
+        print(
+            f"process {jax.process_index()}: data streams {batches.streams} of {num_streams}{shared}",
+            flush=True,
+        )
+    return batches
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """A global array from each process's rows (every process passes its own slice)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def evaluate(eval_step, state, run: Run, num_streams: int) -> dict[str, float]:
+    """Validation CE, perplexity and entropy over `train.eval_batches` fresh batches."""
+    batch_shard = msharding.batch_sharding(run.mesh)
+    batches = stream_batches(
+        run.cfg, run.prepared, batch_shard, num_streams, eval_batches=run.cfg.train.eval_batches
+    )
     total = None
-    for batch in stream_batches(cfg, prepared, batch_shard, num_streams, eval_batches=cfg.train.eval_batches):
+    for batch in batches:
         terms = eval_step(state, batch)
         total = terms if total is None else L.combine_terms(total, terms)
     _, aux = L.finalize_terms(total)
@@ -349,16 +271,92 @@ def evaluate(eval_step, state, cfg, prepared, batch_shard, num_streams: int) -> 
     }
 
 
-def check_workdir(workdir: str) -> None:
-    """ValueError unless `workdir` (and its checkpoints/) is a directory or can become one."""
-    for path in (os.path.join(workdir, "checkpoints"), workdir):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{path} is a file, not a directory; pass a directory as --workdir")
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--workdir {workdir} lies under the file {parent}; pass a directory path")
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+class StepLog:
+    """Reads each step's metrics one step late, so the host never waits on the device; counts
+    consecutive non-finite steps; writes a train row (with throughput and MFU) when one is due."""
+
+    def __init__(self, cfg, workdir: str, start_step: int, *, enabled: bool):
+        self._train = TrainConfig.from_cfg(cfg.train)
+        # Rows past the restored step describe steps that are about to be redone: drop them.
+        self.writer = MetricsWriter(workdir, enabled=enabled, resume_step=start_step)
+        self.bar = ProgressBar(self._train.steps, initial_step=start_step, enabled=enabled)
+        if self.writer.dropped_rows:
+            self.bar.write(
+                f"metrics.jsonl: dropped {self.writer.dropped_rows} rows past step {start_step} (they are redone)"
+            )
+        self._tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        # Model FLOPs utilisation: achieved model TFLOP/s per device, and MFU against the device
+        # kind's published peak where mile.flops knows it (accelerators; not the CPU).
+        self._flops_per_token = mflops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+        self._chip = mflops.chip_for_device_kind(jax.devices()[0].device_kind)
+        self.nonfinite = 0
+        self.last: dict[str, float] = {}
+        self._pending = None  # (step, metrics) dispatched but not yet read
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def add(self, step: int, metrics, *, now: bool) -> None:
+        """Queue `step`'s metrics and read the previous step's; `now` reads this one too."""
+        self.flush()
+        self._pending = (step, metrics)
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._read(*self._pending)
+            self._pending = None
+
+    def _read(self, step: int, metrics) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self._count_nonfinite(step, m.pop("finite") >= 1, m["loss"])
+        self._window_steps += 1
+        self.last = m
+        if due(step, self._train.log_every, self._train.steps):
+            elapsed = time.perf_counter() - self._window_start
+            m["tokens_per_s"] = self._window_steps * self._tokens_per_step / max(elapsed, 1e-9)
+            m["tflops_per_device"] = m["tokens_per_s"] * self._flops_per_token / jax.device_count() / 1e12
+            if self._chip is not None:
+                m["mfu"] = m["tflops_per_device"] * 1e12 / self._chip.peak_bf16_flops
+            self.writer.write(step, m, prefix="train")
+            self.bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
+            self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def _count_nonfinite(self, step: int, finite: bool, loss: float) -> None:
+        if finite:
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        limit = self._train.max_nonfinite_steps
+        self.bar.write(
+            f"step {step}: non-finite loss ({loss}), gradient or update; step skipped ({self.nonfinite}/{limit})"
+        )
+        if self.nonfinite >= limit:
+            raise TrainingError(
+                f"{self.nonfinite} consecutive non-finite steps ending at step {step}; stopped without "
+                "saving (the last good checkpoint is kept). Lower --config.optim.learning_rate or "
+                "raise --config.train.max_nonfinite_steps"
+            )
+
+    def eval(self, step: int, result: dict[str, float]) -> None:
+        self.writer.write(step, result, prefix="eval")
+        self.bar.write(f"step {step}: validation CE {result['ce']:.4f}, perplexity {result['perplexity']:.2f}")
+        self.last.update({f"eval_{k}": v for k, v in result.items()})
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def _save_config_once(cfg, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        atomic.write_text(path, cfg.to_json_best_effort(indent=2))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
@@ -367,151 +365,34 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     `stop_at` ends the run after that step with a checkpoint, as a preempted job would; running
     again resumes exactly where it stopped.
     """
-    rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    check_fields(cfg)
-    check_workdir(workdir)
-    mesh = msharding.make_mesh(cfg.mesh)
-    spec = check_config(cfg, mesh)
+    run = prepare_run(cfg, workdir)
+    t = TrainConfig.from_cfg(cfg.train)
+    last_step = t.steps if stop_at is None else min(stop_at, t.steps)
     primary = jax.process_index() == 0
-    config_dict = json.loads(cfg.to_json())
-
-    ckpt_dir = checkpoint_dir(workdir)
-    latest, saved = existing_checkpoint(ckpt_dir)
-    if saved is not None:
-        diff = config_mismatch(saved, config_dict)
-        if diff:
-            raise ValueError(
-                f"workdir {workdir} holds a checkpoint from an incompatible config ({diff}); "
-                "use a new --workdir or restore the old setting"
-            )
-
-    # Process 0 builds the data caches; the others wait, then read them (a shared filesystem
-    # would otherwise see every host write the same files at once).
-    prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
-    if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-            "raise --config.model.vocab_size or lower --config.data.vocab_size"
-        )
-
-    graphdef, state, build = build_state(cfg, mesh, rules)
-    start_step, data_state = 0, None
-    if latest is not None:
-        _, abstract = msharding.abstract_sharded(build, mesh, rules)
-        start_step, restored, data_state = resume(ckpt_dir, abstract, primary)
-        state = restored if restored is not None else state
     # Everything checked: only now may the workdir be created or written.
-    checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run.ckpt_dir, max_to_keep=t.keep_checkpoints)
+    batches = open_train_batches(run)
+    if run.data_state is None and primary:
+        _save_config_once(cfg, workdir)
+    state, config_dict = run.state, run.config_dict
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shard = msharding.batch_sharding(mesh)
-    # Checkpoints from before data streams hold one position per process under "processes":
-    # process p read exactly what stream p of as many streams reads.
-    stream_states = None if data_state is None else data_state.get("streams", data_state.get("processes"))
-    num_streams = multihost.resolve_num_streams(cfg.data.shards, jax.process_count(), stream_states)
-    train_it = stream_batches(cfg, prepared, batch_shard, num_streams)
-    if stream_states is not None:
-        train_it.set_state(stream_states)
-        logging.info("resumed from step %d in %s", start_step, ckpt_dir)
-    if jax.process_count() > 1:
-        shared = (
-            "" if train_it.whole else " (shared with other processes: more shards would avoid re-reading)"
-        )
-        print(
-            f"process {jax.process_index()}: data streams {train_it.streams} of {num_streams}{shared}",
-            flush=True,
-        )
-    if data_state is None and primary:
-        os.makedirs(workdir, exist_ok=True)
-        config_path = os.path.join(workdir, "config.json")
-        if not os.path.exists(config_path):
-            atomic.write_text(config_path, cfg.to_json_best_effort(indent=2))
-
-    chunk = cfg.loss.chunk_size or None
-    step_fn = jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
-    vocab_axis = vocab_axis_of(cfg, mesh)
-    eval_fn = jax.jit(
-        make_eval_step(graphdef, mesh=mesh, chunk_size=chunk, vocab_axis=vocab_axis),
-        in_shardings=(state_shardings, batch_shard),
-    )
-
-    # Rows past the restored step describe steps that are about to be redone: drop them.
-    writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
-    bar = ProgressBar(cfg.train.steps, initial_step=start_step, enabled=primary)
-    if writer.dropped_rows:
-        bar.write(
-            f"metrics.jsonl: dropped {writer.dropped_rows} rows past step {start_step} (they are redone)"
-        )
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    # Model FLOPs utilisation: achieved model TFLOP/s per device, and MFU against the device kind's
-    # published peak where mile.flops knows it (accelerators; not the CPU).
-    flops_per_token = mflops.model_flops_per_token(cfg.model, cfg.data.seq_len)
-    chip = mflops.chip_for_device_kind(jax.devices()[0].device_kind)
-
-    def save(step):
-        checkpointer.save(step, state, data_state={"streams": train_it.get_state()}, config=config_dict)
-
-    nonfinite = 0
-    last: dict[str, float] = {}
-    pending = None  # (step, metrics) dispatched but not yet read: keeps the device busy
-    window_start, window_steps = time.perf_counter(), 0
-
-    def consume(step, metrics):
-        nonlocal nonfinite, last, window_start, window_steps
-        m = _to_float(metrics)
-        if m.pop("finite") < 1:
-            nonfinite += 1
-            bar.write(
-                f"step {step}: non-finite loss ({m['loss']}), gradient or update; step skipped "
-                f"({nonfinite}/{cfg.train.max_nonfinite_steps})"
-            )
-            if nonfinite >= cfg.train.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{nonfinite} consecutive non-finite steps ending at step {step}; stopped without "
-                    "saving (the last good checkpoint is kept). Lower --config.optim.learning_rate or "
-                    "raise --config.train.max_nonfinite_steps"
-                )
-        else:
-            nonfinite = 0
-        window_steps += 1
-        last = m
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            m["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            m["tflops_per_device"] = m["tokens_per_s"] * flops_per_token / jax.device_count() / 1e12
-            if chip is not None:
-                m["mfu"] = m["tflops_per_device"] * 1e12 / chip.peak_bf16_flops
-            writer.write(step, m, prefix="train")
-            bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
-            window_start, window_steps = time.perf_counter(), 0
-
-    last_step = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    train_step = jit_train_step(cfg, run.graphdef, run.spec, run.mesh, state_shardings)
+    eval_step = jit_eval_step(cfg, run.graphdef, run.mesh, state_shardings)
+    log = StepLog(cfg, workdir, run.start_step, enabled=primary)
     try:
-        with jax.set_mesh(mesh):
-            for step in range(start_step + 1, last_step + 1):
-                batch = next(train_it)
-                state, metrics = step_fn(state, batch)
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, metrics)
-                if (
-                    step % cfg.train.eval_every == 0
-                    or step % cfg.train.checkpoint_every == 0
-                    or step == last_step
-                ):
-                    consume(*pending)
-                    pending = None
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    ev = evaluate(eval_fn, state, cfg, prepared, batch_shard, num_streams)
-                    writer.write(step, ev, prefix="eval")
-                    bar.write(f"step {step}: validation CE {ev['ce']:.4f}, perplexity {ev['perplexity']:.2f}")
-                    last.update({f"eval_{k}": v for k, v in ev.items()})
-                # Only a state reached by a finite step is worth keeping.
-                if (step % cfg.train.checkpoint_every == 0 or step == last_step) and nonfinite == 0:
-                    save(step)
-            if pending is not None:
-                consume(*pending)
+        with jax.set_mesh(run.mesh):
+            for step in range(run.start_step + 1, last_step + 1):
+                state, metrics = train_step(state, next(batches))
+                # Validation belongs to the end of training; a checkpoint also to where this run stops.
+                eval_due = due(step, t.eval_every, t.steps)
+                save_due = due(step, t.checkpoint_every, last_step)
+                log.add(step, metrics, now=eval_due or save_due)
+                if eval_due:
+                    log.eval(step, evaluate(eval_step, state, run, batches.num_streams))
+                if save_due and log.nonfinite == 0:  # only a state reached by a finite step is kept
+                    checkpointer.save(step, state, data_state={"streams": batches.get_state()}, config=config_dict)
+            log.flush()
     finally:
         checkpointer.close()
-        bar.close()
-        writer.close()
-    return last
+        log.close()
+    return log.last

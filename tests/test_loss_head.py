@@ -9,6 +9,7 @@ from flax import nnx
 
 from mile import sharding as msharding
 from mile import state as mstate
+from mile import step as mstep
 from mile import train as T
 from train_helpers import tiny_config
 
@@ -17,7 +18,7 @@ def _one_step(cfg, mesh, batch):
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     spec = T.check_config(cfg, mesh)
-    step = T.jit_train_step(cfg, graphdef, spec, mesh, jax.tree.map(lambda x: x.sharding, state))
+    step = mstep.jit_train_step(cfg, graphdef, spec, mesh, jax.tree.map(lambda x: x.sharding, state))
     with jax.set_mesh(mesh):
         state, metrics = step(state, T.global_batch(batch, msharding.batch_sharding(mesh)))
     model, _ = nnx.merge(graphdef, state)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from mile import sharding as msharding
 from mile import state as mstate
+from mile import step as mstep
 from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.losses import loss_from_config
@@ -27,7 +28,7 @@ def _step_setup(cfg, mesh):
     graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
-        T.make_train_step(
+        mstep.make_train_step(
             graphdef,
             loss_from_config(cfg.loss),
             mesh=mesh,

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mile import sharding as msharding
 from mile import state as mstate
+from mile import step as mstep
 from mile import train as T
 from mile.fused import fused_loss
 from mile.losses import loss_from_config
@@ -144,7 +145,7 @@ def test_all_gather_check_sees_a_gathered_unembedding():
 def _compiled_train_step(cfg, graphdef, state, mesh, batch, vocab_axis):
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
-        T.make_train_step(
+        mstep.make_train_step(
             graphdef,
             loss_from_config(cfg.loss),
             mesh=mesh,

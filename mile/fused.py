@@ -235,7 +235,7 @@ def fused_loss_terms(
 
 
 def _local_terms(spec, hidden, unembedding, labels, mask, chunk_size, vocab_axis=None):
-    h3, y2, m2 = _tiles(hidden, L._safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size)
+    h3, y2, m2 = _tiles(hidden, L.safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size)
     paper = spec.normalization == "paper"
     numerator, stats = _fused_numerator(spec, paper, vocab_axis, h3, unembedding, y2, m2)
     num_tokens = int(np.prod(labels.shape))

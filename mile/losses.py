@@ -318,8 +318,12 @@ def check_float(name: str, x: jax.Array, min_ndim: int = 1) -> jax.Array:
     return x
 
 
-def _safe_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
-    # Masked positions may hold any label (e.g. -100); give them a harmless in-range id.
+def safe_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """labels with every masked position (mask == 0) set to id 0.
+
+    A masked position may hold any label (e.g. -100); an out-of-range id must never reach a
+    gather or a one-hot, so it gets a harmless in-range id. Its nll is then meaningless and is
+    always multiplied by mask = 0."""
     return jnp.where(mask > 0, labels, 0)
 
 
@@ -336,7 +340,7 @@ def loss_terms(
     labels = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]")
     mask = prepare_mask(mask, labels)
     paper = spec.normalization == "paper"
-    stats = token_statistics(logits, _safe_labels(labels, mask), clamped_entropy=paper)
+    stats = token_statistics(logits, safe_labels(labels, mask), clamped_entropy=paper)
     weight, norm_weight = weights_from_statistics(
         spec, stats["nll"], stats["entropy"], mask, stats.get("clamped_entropy")
     )

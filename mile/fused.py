@@ -13,6 +13,10 @@ accumulates the *unscaled* gradients
 and the backward pass is one scalar multiply. The logits matmul is done once, not recomputed:
 three matmuls in all, the same as the materialised loss. When no gradient is taken (evaluation),
 the plain primal runs and computes statistics only.
+
+Public API (`__all__`): fused_loss (-> (loss, aux), like `mile.losses.mile_loss` and friends),
+fused_loss_terms (the additive terms, for micro-batch accumulation), fused_token_statistics
+(per-position nll and entropy for evaluation, no gradient) and default_chunk_size.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import numpy as np
 from jax import lax
 
 from mile import losses as L
+
+__all__ = ["fused_loss", "fused_loss_terms", "fused_token_statistics", "default_chunk_size"]
 
 # A tile of logits is chunk_size x V float32; ~4M elements (16 MiB) keeps a few tiles
 # cache-friendly on CPU and small next to activations on accelerators.
@@ -346,9 +352,7 @@ def fused_loss(
     are the loss's own (gamma, sigma, normalization). Same value and gradients (w.r.t. hidden and
     unembedding) as `mile.losses.<loss>_loss(hidden @ unembedding, labels, mask, ...)`.
     """
-    spec = loss if isinstance(loss, L.LossSpec) else L.get_loss(loss, **hparams)
-    if isinstance(loss, L.LossSpec) and hparams:
-        raise ValueError("pass hyperparameters either in the LossSpec or as keywords, not both")
+    spec = L.resolve_loss(loss, **hparams)
     terms = fused_loss_terms(
         spec,
         hidden,

@@ -13,6 +13,10 @@ accumulates the *unscaled* gradients
 and the backward pass is one scalar multiply. The logits matmul is done once, not recomputed:
 three matmuls in all, the same as the materialised loss. When no gradient is taken (evaluation),
 the plain primal runs and computes statistics only.
+
+Public API (`__all__`): fused_loss (-> (loss, aux), like `mile.losses.mile_loss` and friends),
+fused_loss_terms (the additive terms, for micro-batch accumulation), fused_token_statistics
+(per-position nll and entropy for evaluation, no gradient) and default_chunk_size.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from jax import lax
 
 from mile import losses as L
 
+__all__ = ["fused_loss", "fused_loss_terms", "fused_token_statistics", "default_chunk_size"]
+
 # A tile of logits is chunk_size x V float32; ~4M elements (16 MiB) keeps a few tiles
 # cache-friendly on CPU and small next to activations on accelerators.
 _TILE_ELEMENTS = 1 << 22
@@ -40,6 +46,9 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 def _tile_statistics(spec: L.LossSpec, paper: bool, vocab_axis, h, w_mat, labels, mask):
     """Per-token statistics of one tile, plus what the gradient needs (shifted logits, one-hot).
+
+    One tile: h [T, D], w_mat [D, V] (or [D, V/shards]), labels [T] int32, mask [T] float32;
+    every per-token output is [T].
 
     One pass for the max, then one pass for every sum (sum e^s, sum e^s s, s at the label), so
     the entropy costs no extra sweep over the tile: MiLe runs at CE's speed.
@@ -113,23 +122,28 @@ def _varying_like(x, *refs):
     return lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _scan_statistics(spec, paper, vocab_axis, h3, w_mat, y2, m2):
-    def body(carry, xs):
-        h, y, m = xs
+# The scans below walk over token tiles (see `_tiles`):
+#   hidden_tiles [chunks, chunk, D], label_tiles [chunks, chunk] int32, mask_tiles [chunks, chunk] f32.
+# Each step sees one tile, [chunk, D] / [chunk] / [chunk]; per-token outputs stack to [chunks, chunk].
+
+
+def _scan_statistics(spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles):
+    def body(carry, tile):
+        h, y, m = tile  # [chunk, D], [chunk], [chunk]
         stats, _ = _tile_statistics(spec, paper, vocab_axis, h, w_mat, y, m)
         return carry, (jnp.sum(m * stats["weight"] * stats["nll"]), stats)
 
-    _, (numerators, stats) = lax.scan(body, None, (h3, y2, m2))
+    _, (numerators, stats) = lax.scan(body, None, (hidden_tiles, label_tiles, mask_tiles))
     return jnp.sum(numerators), stats
 
 
-def _scan_statistics_and_gradients(spec, paper, vocab_axis, h3, w_mat, y2, m2):
-    compute_dtype = jnp.result_type(h3.dtype, w_mat.dtype)
+def _scan_statistics_and_gradients(spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles):
+    compute_dtype = jnp.result_type(hidden_tiles.dtype, w_mat.dtype)
     contract_vocab = (((1,), (1,)), ((), ()))  # [T,V] x [D,V] -> [T,D]
     contract_tokens = (((0,), (0,)), ((), ()))  # [T,D] x [T,V] -> [D,V]
 
-    def body(d_unembed, xs):
-        h, y, m = xs
+    def body(d_unembed, tile):
+        h, y, m = tile  # [chunk, D], [chunk], [chunk]
         stats, (s, log_p_offset, is_label) = _tile_statistics(spec, paper, vocab_axis, h, w_mat, y, m)
         coeff = (m * stats["weight"])[:, None]
         p = jnp.exp(s - log_p_offset[:, None])
@@ -137,20 +151,24 @@ def _scan_statistics_and_gradients(spec, paper, vocab_axis, h3, w_mat, y2, m2):
         d_hidden = lax.dot_general(g, w_mat, contract_vocab, preferred_element_type=jnp.float32)
         d_unembed = d_unembed + lax.dot_general(h, g, contract_tokens, preferred_element_type=jnp.float32)
         numerator = jnp.sum(coeff[:, 0] * stats["nll"])
-        return d_unembed, (numerator, stats, d_hidden.astype(h3.dtype))
+        return d_unembed, (numerator, stats, d_hidden.astype(hidden_tiles.dtype))
 
-    d_unembed0 = _varying_like(jnp.zeros(w_mat.shape, jnp.float32), h3, w_mat)
-    d_unembed, (numerators, stats, d_hidden) = lax.scan(body, d_unembed0, (h3, y2, m2))
+    d_unembed0 = _varying_like(jnp.zeros(w_mat.shape, jnp.float32), hidden_tiles, w_mat)
+    tiles = (hidden_tiles, label_tiles, mask_tiles)
+    d_unembed, (numerators, stats, d_hidden) = lax.scan(body, d_unembed0, tiles)
+    # d_hidden [chunks, chunk, D] (like hidden_tiles), d_unembed [D, V]: both still unscaled by 1/N.
     return (jnp.sum(numerators), stats), (d_hidden, d_unembed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_numerator(spec, paper, vocab_axis, h3, w_mat, y2, m2):
-    return _scan_statistics(spec, paper, vocab_axis, h3, w_mat, y2, m2)
+def _fused_numerator(spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles):
+    return _scan_statistics(spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles)
 
 
-def _fused_numerator_fwd(spec, paper, vocab_axis, h3, w_mat, y2, m2):
-    out, grads = _scan_statistics_and_gradients(spec, paper, vocab_axis, h3, w_mat, y2, m2)
+def _fused_numerator_fwd(spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles):
+    out, grads = _scan_statistics_and_gradients(
+        spec, paper, vocab_axis, hidden_tiles, w_mat, label_tiles, mask_tiles
+    )
     return out, (grads, w_mat)
 
 
@@ -186,10 +204,15 @@ def _tiles(hidden, labels, mask, vocab: int, chunk_size: int | None):
     chunk = min(chunk_size or default_chunk_size(num_tokens, vocab), max(num_tokens, 1))
     num_chunks = -(-num_tokens // chunk)
     pad = num_chunks * chunk - num_tokens
-    h = jnp.pad(hidden.reshape(num_tokens, dim), ((0, pad), (0, 0)))
-    y = jnp.pad(labels.reshape(num_tokens).astype(jnp.int32), (0, pad))
-    m = jnp.pad(mask.reshape(num_tokens).astype(jnp.float32), (0, pad))
-    return h.reshape(num_chunks, chunk, dim), y.reshape(num_chunks, chunk), m.reshape(num_chunks, chunk)
+    # Flatten to one token axis, pad it to whole tiles, then split it into [chunks, chunk].
+    hidden_nd = jnp.pad(hidden.reshape(num_tokens, dim), ((0, pad), (0, 0)))  # [N, D]
+    labels_n = jnp.pad(labels.reshape(num_tokens).astype(jnp.int32), (0, pad))  # [N]
+    mask_n = jnp.pad(mask.reshape(num_tokens).astype(jnp.float32), (0, pad))  # [N], 0 on padding
+    return (
+        hidden_nd.reshape(num_chunks, chunk, dim),
+        labels_n.reshape(num_chunks, chunk),
+        mask_n.reshape(num_chunks, chunk),
+    )
 
 
 def fused_loss_terms(
@@ -235,9 +258,14 @@ def fused_loss_terms(
 
 
 def _local_terms(spec, hidden, unembedding, labels, mask, chunk_size, vocab_axis=None):
-    h3, y2, m2 = _tiles(hidden, L._safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size)
+    hidden_tiles, label_tiles, mask_tiles = _tiles(
+        hidden, L.safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size
+    )
     paper = spec.normalization == "paper"
-    numerator, stats = _fused_numerator(spec, paper, vocab_axis, h3, unembedding, y2, m2)
+    numerator, stats = _fused_numerator(
+        spec, paper, vocab_axis, hidden_tiles, unembedding, label_tiles, mask_tiles
+    )
+    # Per-token stats come back [chunks, chunk]: flatten and drop the padding tokens.
     num_tokens = int(np.prod(labels.shape))
     stats = {k: lax.stop_gradient(v.reshape(-1)[:num_tokens]) for k, v in stats.items()}
     terms = L.reduce_terms(
@@ -324,9 +352,7 @@ def fused_loss(
     are the loss's own (gamma, sigma, normalization). Same value and gradients (w.r.t. hidden and
     unembedding) as `mile.losses.<loss>_loss(hidden @ unembedding, labels, mask, ...)`.
     """
-    spec = loss if isinstance(loss, L.LossSpec) else L.get_loss(loss, **hparams)
-    if isinstance(loss, L.LossSpec) and hparams:
-        raise ValueError("pass hyperparameters either in the LossSpec or as keywords, not both")
+    spec = L.resolve_loss(loss, **hparams)
     terms = fused_loss_terms(
         spec,
         hidden,
@@ -347,8 +373,10 @@ def fused_token_statistics(hidden, unembedding, labels, *, chunk_size: int | Non
     hidden = L.check_float("hidden", hidden)
     labels = L.check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     mask = jnp.ones(labels.shape, jnp.float32)
-    tiles = _tiles(hidden, labels, mask, unembedding.shape[1], chunk_size)
-    _, stats = _scan_statistics(L.get_loss("ce"), False, None, tiles[0], unembedding, *tiles[1:])
+    hidden_tiles, label_tiles, mask_tiles = _tiles(hidden, labels, mask, unembedding.shape[1], chunk_size)
+    _, stats = _scan_statistics(
+        L.get_loss("ce"), False, None, hidden_tiles, unembedding, label_tiles, mask_tiles
+    )
     num_tokens = int(np.prod(labels.shape))
     return {
         k: lax.stop_gradient(stats[k].reshape(-1)[:num_tokens].reshape(labels.shape))

@@ -1,6 +1,7 @@
 """Token-weighted language-model losses: cross-entropy, the paper's focal baseline, and MiLe.
 
-Pure JAX (imports only jax and numpy): any project can use these. Every loss here is the same three steps, which is why they share one code path:
+Pure JAX (imports only jax and numpy): any project can use these. Every loss here is the same
+three steps, which is why they share one code path:
 
   1. per-token statistics from the logits: nll_i and the predictive entropy H_i (float32);
   2. a per-token weight from a *weight rule* (stop-gradient): CE 1, focal (1 - p_t)^gamma,
@@ -19,6 +20,18 @@ Normalisation (a named, explicit choice):
             says which case it is with `paper_all_positions`).
 
 Gradients: weights and the normaliser are constants, so d loss / d z_i = (m_i w_i / N) (p_i - e_y).
+
+Public API (`__all__`):
+  losses        cross_entropy_loss, focal_loss, mile_loss -> (loss, aux) on logits [..., V]
+  specs         LossSpec, get_loss, resolve_loss, loss_from_config, LOSS_NAMES, NORMALIZATIONS
+  per token     per_token: nll, entropy, weight, numerator, denominator per position, for a
+                trainer with its own reduction or normaliser
+  terms         loss_terms, combine_terms, finalize_terms, apply_loss: sum over micro-batches
+                and shards, divide once
+  parts         token_statistics, weights_from_statistics, reduce_terms, ce_weights,
+                focal_weights, mile_weights, safe_labels, check_float, check_labels,
+                prepare_mask, PAPER_PROB_FLOOR: the building blocks `mile.fused` (or your
+                own LM head) reuses
 """
 
 from __future__ import annotations
@@ -31,6 +44,38 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = [
+    # losses on materialised logits
+    "cross_entropy_loss",
+    "focal_loss",
+    "mile_loss",
+    # loss specs
+    "LossSpec",
+    "get_loss",
+    "resolve_loss",
+    "loss_from_config",
+    "LOSS_NAMES",
+    "NORMALIZATIONS",
+    # per-token values and additive terms
+    "per_token",
+    "loss_terms",
+    "combine_terms",
+    "finalize_terms",
+    "apply_loss",
+    # building blocks
+    "token_statistics",
+    "weights_from_statistics",
+    "reduce_terms",
+    "ce_weights",
+    "focal_weights",
+    "mile_weights",
+    "safe_labels",
+    "check_float",
+    "check_labels",
+    "prepare_mask",
+    "PAPER_PROB_FLOOR",
+]
 
 NORMALIZATIONS = ("global", "paper")
 PAPER_PROB_FLOOR = 1e-8  # the reference code clamps p to [1e-8, 1] before log in the entropy
@@ -162,6 +207,15 @@ def get_loss(name: str, **hparams: Any) -> LossSpec:
         return factory(**hparams)
     except TypeError as e:
         raise ValueError(f"bad hyperparameters for loss {name!r}: {e}") from None
+
+
+def resolve_loss(loss: str | LossSpec, **hparams: Any) -> LossSpec:
+    """A LossSpec as given, or the one a name and its hyperparameters select (`get_loss`)."""
+    if isinstance(loss, LossSpec):
+        if hparams:
+            raise ValueError("pass hyperparameters either in the LossSpec or as keywords, not both")
+        return loss
+    return get_loss(loss, **hparams)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +372,12 @@ def check_float(name: str, x: jax.Array, min_ndim: int = 1) -> jax.Array:
     return x
 
 
-def _safe_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
-    # Masked positions may hold any label (e.g. -100); give them a harmless in-range id.
+def safe_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """labels with every masked position (mask == 0) set to id 0.
+
+    A masked position may hold any label (e.g. -100); an out-of-range id must never reach a
+    gather or a one-hot, so it gets a harmless in-range id. Its nll is then meaningless and is
+    always multiplied by mask = 0."""
     return jnp.where(mask > 0, labels, 0)
 
 
@@ -328,19 +386,63 @@ def _safe_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def loss_terms(
-    spec: LossSpec, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
-) -> dict[str, jax.Array]:
-    """The additive terms of `spec` on materialised logits [..., V]."""
+def _token_values(spec: LossSpec, logits, labels, mask):
+    """Validated inputs -> (stats, mask, weight, norm_weight), all per position [...].
+
+    The one path shared by `loss_terms` and `per_token`, so the two cannot drift apart."""
     logits = check_float("logits", logits)
     labels = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]")
     mask = prepare_mask(mask, labels)
     paper = spec.normalization == "paper"
-    stats = token_statistics(logits, _safe_labels(labels, mask), clamped_entropy=paper)
+    stats = token_statistics(logits, safe_labels(labels, mask), clamped_entropy=paper)
     weight, norm_weight = weights_from_statistics(
         spec, stats["nll"], stats["entropy"], mask, stats.get("clamped_entropy")
     )
+    return stats, mask, weight, norm_weight
+
+
+def loss_terms(
+    spec: LossSpec, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """The additive terms of `spec` on materialised logits [..., V]."""
+    stats, mask, weight, norm_weight = _token_values(spec, logits, labels, mask)
     return reduce_terms(stats["nll"], stats["entropy"], mask, weight, norm_weight)
+
+
+def per_token(
+    loss: str | LossSpec,
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array | None = None,
+    **hparams: Any,
+) -> dict[str, jax.Array]:
+    """Per-position values of a loss, for a trainer that reduces (or normalises) them itself.
+
+    `loss` is a name ("ce", "focal", "mile") with its `hparams`, or a LossSpec. Returns float32
+    arrays of labels.shape:
+      mask         the mask as used (float32; 0 where masked);
+      nll          -log p(label), differentiable; 0 where masked;
+      entropy      predictive entropy H in nats, stop-gradient; 0 where masked;
+      weight       the loss's weight w (stop-gradient, like the loss's); 0 where masked;
+      numerator    mask * weight * nll: the token's share of the loss numerator, differentiable;
+      denominator  the token's share of the normaliser, stop-gradient (global: mask * w;
+                   paper: w at every position, masked ones included, as the reference code).
+    The loss itself is sum(numerator) / sum(denominator) (see `loss_terms`, `finalize_terms`),
+    with the same value and gradients; any other normaliser is the caller's choice.
+    """
+    spec = resolve_loss(loss, **hparams)
+    stats, mask, weight, norm_weight = _token_values(spec, logits, labels, mask)
+    weight = jax.lax.stop_gradient(weight)
+    valid = mask > 0
+    return {
+        "mask": mask,
+        # A masked position's nll is of the placeholder label 0 (see `safe_labels`): hide it.
+        "nll": jnp.where(valid, stats["nll"], 0.0),
+        "entropy": jnp.where(valid, stats["entropy"], 0.0),
+        "weight": jnp.where(valid, weight, 0.0),
+        "numerator": mask * weight * stats["nll"],  # the same product `reduce_terms` sums
+        "denominator": jax.lax.stop_gradient(norm_weight),
+    }
 
 
 def apply_loss(spec: LossSpec, logits, labels, mask=None) -> tuple[jax.Array, dict[str, jax.Array]]:

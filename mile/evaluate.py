@@ -3,24 +3,11 @@
     python -m mile.evaluate --workdir W [--step N] [--mc task.jsonl ...] [--qa qa.jsonl ...]
         [--k-shot K] [--seed S] [--eval-batches N] [--cut-points 0.8,0.95] [--out FILE] [--overwrite]
 
-Frequency buckets (the paper's per-frequency perplexity)
---------------------------------------------------------
-``token_counts`` counts every token type over the *training* split, tokenised as the trainer
-does (each document's ids followed by EOS), and caches the counts next to the tokenizer under a
-key of (tokenizer file hash, dataset name/dir/split/text key, number of documents).
-
-``assign_buckets`` ranks types by count, descending, ties broken by the smaller id first, and
-gives each type the bucket in which its span *starts*:
-
-* ``mode="cumulative"`` (default, the paper's reading): ``start = occurrences of all types ranked
-  before it / all occurrences``; bucket 0 (easy) if ``start < cut[0]``, 1 (medium) if
-  ``start < cut[1]``, else 2 (difficult). So easy covers at least 80% of occurrences: the type
-  straddling the 80% line is easy. Never-seen types start at 1.0 -> difficult.
-* ``mode="rank"``: ``start = rank / number of seen types`` (rank 0-based), same comparisons; so
-  the first ceil(0.80 * n_seen) seen types are easy. Never-seen types -> difficult.
-
-``bucket_perplexity`` reports per bucket (and "overall") the token count, mean CE in nats,
-perplexity exp(mean CE) and mean predictive entropy, bucketed by each position's *target*.
+Perplexity by frequency bucket
+------------------------------
+Training counts and buckets come from ``mile.token_frequency``. ``bucket_perplexity`` reports
+per bucket (and "overall") the token count, mean CE in nats, perplexity exp(mean CE) and mean
+predictive entropy, bucketed by each position's *target*.
 
 Multiple choice (lm-evaluation-harness style)
 ---------------------------------------------
@@ -57,7 +44,6 @@ restored, before any evaluation).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import pathlib
@@ -68,111 +54,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mile import atomic, qa
+from mile import qa
 from mile.fewshot import draw_shots
 from mile.fused import fused_token_statistics
 from mile.jsonl import read_records, write_json
+from mile.token_frequency import BUCKET_NAMES, assign_buckets, check_cut_points, token_counts
 
-BUCKET_NAMES = ("easy", "medium", "difficult")
 _MIN_MC_LEN = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# Token counts and buckets.
-# ---------------------------------------------------------------------------------------------
-
-
-def _file_sha(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _open_train_source(prepared):
-    from mile.data import tfds_corpus
-
-    return tfds_corpus.open_source(
-        prepared.tfds_name, prepared.tfds_data_dir, prepared.train_split, prepared.text_key
-    )
-
-
-def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
-    """Where the counts of this (tokenizer, training split) pair are cached."""
-    key = "|".join(
-        [
-            _file_sha(prepared.tokenizer_path),
-            prepared.tfds_name,
-            str(prepared.tfds_data_dir),
-            prepared.train_split,
-            prepared.text_key,
-            str(source_len),
-        ]
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return pathlib.Path(prepared.tokenizer_path).parent / f"token_counts-{digest}.npy"
-
-
-def token_counts(prepared, data_cfg: Any = None, *, batch_docs: int = 1024, cache: bool = True) -> np.ndarray:
-    """int64[tokenizer vocab] occurrences of each type in the training split (docs + EOS each).
-
-    ``data_cfg`` is accepted for symmetry with ``mile.data``; everything needed is in ``prepared``.
-    """
-    del data_cfg
-    source = _open_train_source(prepared)
-    path = counts_cache_path(prepared, len(source))
-    if cache and path.is_file():
-        return np.load(path)
-    tokenizer = prepared.tokenizer
-    vocab = tokenizer.vocab_size
-    counts = np.zeros(vocab, np.int64)
-    for start in range(0, len(source), batch_docs):
-        docs = source.__getitems__(list(range(start, min(start + batch_docs, len(source)))))
-        ids = tokenizer.processor.encode(docs)  # same ids as Tokenizer.encode, one call per batch
-        flat = np.concatenate([np.asarray(doc, np.int64) for doc in ids] + [np.zeros(0, np.int64)])
-        counts += np.bincount(flat, minlength=vocab)[:vocab]
-    counts[tokenizer.eos_id] += len(source)  # the separator after every document
-    if cache:
-        with atomic.replacing(path) as tmp:  # a present cache file is always complete
-            np.save(tmp, counts)
-    return counts
-
-
-def _check_cut_points(cut_points: Sequence[float]) -> tuple[float, ...]:
-    cuts = tuple(float(c) for c in cut_points)
-    if not cuts or any(not 0.0 < c < 1.0 for c in cuts) or list(cuts) != sorted(set(cuts)):
-        raise ValueError(f"cut_points={cut_points} must be increasing fractions in (0, 1); e.g. 0.8,0.95.")
-    return cuts
-
-
-def assign_buckets(
-    counts: np.ndarray, cut_points: Sequence[float] = (0.80, 0.95), mode: str = "cumulative"
-) -> np.ndarray:
-    """int32[V] bucket of every type: 0 = easy (frequent) ... len(cut_points) = difficult (rare)."""
-    cuts = _check_cut_points(cut_points)
-    counts = np.asarray(counts, np.int64)
-    if counts.ndim != 1 or (counts < 0).any():
-        raise ValueError(f"counts must be a 1-D array of non-negative integers, got shape {counts.shape}.")
-    order = np.lexsort((np.arange(len(counts)), -counts))  # count descending, then id ascending
-    ranked = counts[order]
-    if mode == "cumulative":
-        total = ranked.sum()
-        if total == 0:
-            raise ValueError("counts are all zero; count tokens over a non-empty training split.")
-        start = (np.cumsum(ranked) - ranked) / total
-    elif mode == "rank":
-        seen = int((ranked > 0).sum())
-        if seen == 0:
-            raise ValueError("counts are all zero; count tokens over a non-empty training split.")
-        start = np.arange(len(ranked)) / seen
-    else:
-        raise ValueError(f"mode={mode!r} is not 'cumulative' or 'rank'.")
-    ranked_bucket = np.searchsorted(np.asarray(cuts), start, side="right").astype(np.int32)
-    ranked_bucket[ranked == 0] = len(cuts)  # never seen -> the rarest bucket
-    buckets = np.empty(len(counts), np.int32)
-    buckets[order] = ranked_bucket
-    return buckets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +388,7 @@ def format_mc_table(results: Mapping[str, dict]) -> str:
 
 def _parse_cut_points(text: str) -> tuple[float, ...]:
     try:
-        return _check_cut_points([float(x) for x in text.split(",") if x.strip()])
+        return check_cut_points([float(x) for x in text.split(",") if x.strip()])
     except (TypeError, ValueError):
         raise ValueError(
             f"--cut-points={text!r} must be increasing fractions in (0, 1), e.g. 0.8,0.95."
@@ -541,7 +429,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     prepared = mdata.prepare(cfg.data)
     stats_fn = make_stats_fn(model, chunk_size=int(cfg.loss.get("chunk_size", 0) or 0) or None)
 
-    counts = token_counts(prepared, cfg.data)
+    counts = token_counts(prepared)
     maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
     batches = mdata.eval_iterator(
         cfg.data,

@@ -11,6 +11,7 @@ from train_helpers import tiny_config
 
 from mile import data as mdata
 from mile import evaluate as E
+from mile import token_frequency as TF
 from mile import train as T
 from mile.model import Llama, ModelConfig
 
@@ -66,11 +67,11 @@ def test_assign_buckets_hand_example():
     # rank: 6 seen types, start = rank / 6 = 0, .17, .33, .50, .67, .83, (unseen)
     #   < .80 -> easy: ids 0..4; < .95 -> medium: id 5; id 6 never seen -> difficult.
     counts = np.array([50, 30, 10, 5, 3, 2, 0])
-    np.testing.assert_array_equal(E.assign_buckets(counts), [0, 0, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(E.assign_buckets(counts, mode="rank"), [0, 0, 0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(TF.assign_buckets(counts), [0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(TF.assign_buckets(counts, mode="rank"), [0, 0, 0, 0, 0, 1, 2])
     # Order does not matter, ties go to the smaller id: [5, 50, 5, 40] ranks ids 1, 3, 0, 2 with
     # starts 0, .50, .90, .95 -> easy {1, 3}, medium {0}, difficult {2}.
-    np.testing.assert_array_equal(E.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
+    np.testing.assert_array_equal(TF.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
 
 
 @pytest.mark.parametrize(
@@ -78,13 +79,13 @@ def test_assign_buckets_hand_example():
 )
 def test_assign_buckets_bad_input(kwargs):
     with pytest.raises(ValueError):
-        E.assign_buckets(np.array([3, 2, 1]), **kwargs)
+        TF.assign_buckets(np.array([3, 2, 1]), **kwargs)
 
 
 def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
     cfg, prepared, _ = trained
-    counts = E.token_counts(prepared, cfg.data)
-    source = E._open_train_source(prepared)
+    counts = TF.token_counts(prepared)
+    source = TF._open_train_source(prepared)
     docs = [source[i] for i in range(len(source))]
     expected = np.zeros(prepared.tokenizer.vocab_size, np.int64)
     for doc in docs:
@@ -92,10 +93,10 @@ def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
             expected[t] += 1
     np.testing.assert_array_equal(counts, expected)
     assert counts.dtype == np.int64 and counts[prepared.tokenizer.eos_id] == len(docs)
-    assert E.counts_cache_path(prepared, len(source)).is_file()
+    assert TF.counts_cache_path(prepared, len(source)).is_file()
     # A second call reads the cache instead of tokenising again.
     monkeypatch.setattr(prepared.tokenizer.processor, "encode", None)
-    np.testing.assert_array_equal(E.token_counts(prepared, cfg.data), expected)
+    np.testing.assert_array_equal(TF.token_counts(prepared), expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,13 +123,13 @@ def test_bucket_perplexity_matches_numpy(model, stats_fn):
             m = b["mask"] * (buckets[b["targets"]] == k)
             sums[k] += [m.sum(), (m * nll).sum(), (m * ent).sum()]
         sums[3] += [b["mask"].sum(), (b["mask"] * nll).sum(), (b["mask"] * ent).sum()]
-    for k, name in enumerate(E.BUCKET_NAMES + ("overall",)):
+    for k, name in enumerate(TF.BUCKET_NAMES + ("overall",)):
         tokens, nll, ent = sums[k]
         assert res[name]["tokens"] == tokens
         np.testing.assert_allclose(res[name]["ce"], nll / tokens, rtol=1e-5)
         np.testing.assert_allclose(res[name]["perplexity"], np.exp(nll / tokens), rtol=1e-5)
         np.testing.assert_allclose(res[name]["entropy"], ent / tokens, rtol=1e-5)
-    assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+    assert sum(res[n]["tokens"] for n in TF.BUCKET_NAMES) == res["overall"]["tokens"]
 
 
 def test_empty_bucket_is_reported_not_nan(model, stats_fn):
@@ -323,7 +324,7 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
         res = result["perplexity"][mode]
         assert set(res) == {"easy", "medium", "difficult", "overall"}
         assert res["overall"]["tokens"] == 2 * 8 * 32  # eval batches x batch x seq_len
-        assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+        assert sum(res[n]["tokens"] for n in TF.BUCKET_NAMES) == res["overall"]["tokens"]
     assert result["mc"]["toy_mc"]["n"] == 6 and result["mc"]["toy_mc"]["k_shot"] == 1
     printed = capsys.readouterr().out
     assert "difficult" in printed and "toy_mc" in printed

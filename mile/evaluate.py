@@ -3,11 +3,8 @@
     python -m mile.evaluate --workdir W [--step N] [--mc task.jsonl ...] [--qa qa.jsonl ...]
         [--k-shot K] [--seed S] [--eval-batches N] [--cut-points 0.8,0.95] [--out FILE] [--overwrite]
 
-Perplexity by frequency bucket
-------------------------------
-Training counts and buckets come from ``mile.token_frequency``. ``bucket_perplexity`` reports
-per bucket (and "overall") the token count, mean CE in nats, perplexity exp(mean CE) and mean
-predictive entropy, bucketed by each position's *target*.
+Training counts and frequency buckets come from ``mile.token_frequency``, the per-token statistics
+and perplexity by bucket from ``mile.perplexity``.
 
 Multiple choice (lm-evaluation-harness style)
 ---------------------------------------------
@@ -44,125 +41,20 @@ restored, before any evaluation).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import nnx
 
 from mile import qa
 from mile.fewshot import draw_shots
-from mile.fused import fused_token_statistics
 from mile.jsonl import read_records, write_json
+from mile.perplexity import bucket_perplexities, format_perplexity_table, heldout_batches, make_stats_fn
 from mile.token_frequency import BUCKET_NAMES, assign_buckets, check_cut_points, token_counts
 
 _MIN_MC_LEN = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-token statistics (one jit for perplexity and multiple choice).
-# ---------------------------------------------------------------------------------------------
-
-
-def make_stats_fn(model, *, chunk_size: int | None = None):
-    """(inputs int[B,S], targets int[B,S]) -> {"nll", "entropy"} float32 [B,S], jit-compiled."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def stats(state, inputs, targets):
-        m = nnx.merge(graphdef, state)
-        return fused_token_statistics(m(inputs), m.unembedding(), targets, chunk_size=chunk_size)
-
-    def run(inputs, targets):
-        out = stats(state, np.asarray(inputs, np.int32), np.asarray(targets, np.int32))
-        return {k: np.asarray(v, np.float64) for k, v in out.items()}
-
-    return run
-
-
-def _summarise(tokens: float, nll: float, entropy: float) -> dict[str, Any]:
-    if tokens == 0:
-        return {"tokens": 0, "ce": None, "perplexity": None, "entropy": None}
-    ce = nll / tokens
-    return {
-        "tokens": int(tokens),
-        "ce": ce,
-        "perplexity": math.exp(min(ce, 700.0)),
-        "entropy": entropy / tokens,
-    }
-
-
-def bucket_perplexities(
-    model,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    bucket_maps: Mapping[str, np.ndarray],
-    names: Sequence[str] = BUCKET_NAMES,
-    *,
-    stats_fn=None,
-) -> dict[str, dict]:
-    """``bucket_perplexity`` for several bucketings at once, from one pass over ``batches``."""
-    stats_fn = stats_fn or make_stats_fn(model)
-    k = len(names)
-    sums = {key: np.zeros((3, k)) for key in bucket_maps}  # rows: tokens, nll, entropy
-    total = np.zeros(3)
-    for batch in batches:
-        targets = np.asarray(batch["targets"])
-        mask = np.asarray(batch.get("mask", np.ones(targets.shape)), np.float64)
-        out = stats_fn(batch["inputs"], targets)
-        total += [mask.sum(), (mask * out["nll"]).sum(), (mask * out["entropy"]).sum()]
-        for key, bucket_of_type in bucket_maps.items():
-            if targets.max() >= len(bucket_of_type):
-                raise ValueError(
-                    f"target id {targets.max()} is beyond the {len(bucket_of_type)} bucketed types; count tokens with this tokenizer."
-                )
-            b = np.asarray(bucket_of_type)[targets].reshape(-1)
-            if b.max() >= k:
-                raise ValueError(
-                    f"bucket id {b.max()} has no name in names={tuple(names)}; pass one name per bucket."
-                )
-            m = mask.reshape(-1)
-            for row, values in enumerate((m, m * out["nll"].reshape(-1), m * out["entropy"].reshape(-1))):
-                sums[key][row] += np.bincount(b, weights=values, minlength=k)
-    results = {}
-    for key in bucket_maps:
-        res = {name: _summarise(*sums[key][:, i]) for i, name in enumerate(names)}
-        res["overall"] = _summarise(*total)
-        results[key] = res
-    return results
-
-
-def bucket_perplexity(
-    model,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    bucket_of_type: np.ndarray,
-    names: Sequence[str] = BUCKET_NAMES,
-    *,
-    stats_fn=None,
-) -> dict[str, dict]:
-    """Per bucket of the target type and "overall": tokens, mean CE (nats), perplexity, entropy.
-
-    ``batches`` yield ``{"inputs", "targets", "mask"}`` (as ``mile.data.eval_iterator``); sums
-    are accumulated in float64 on the host.
-    """
-    return bucket_perplexities(model, batches, {"b": bucket_of_type}, names, stats_fn=stats_fn)["b"]
-
-
-def format_perplexity_table(results: Mapping[str, Mapping[str, dict]]) -> str:
-    lines = [f"{'mode':<11}{'bucket':<11}{'tokens':>10}{'ce':>9}{'ppl':>11}{'entropy':>9}"]
-    for mode, res in results.items():
-        for name, r in res.items():
-            if r["tokens"]:
-                lines.append(
-                    f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}"
-                    f"{r['perplexity']:>11.3f}{r['entropy']:>9.4f}"
-                )
-            else:
-                lines.append(f"{mode:<11}{name:<11}{0:>10}{'-':>9}{'-':>11}{'-':>9}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +323,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = token_counts(prepared)
     maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
-    batches = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=args.eval_batches,
-    )
+    batches = heldout_batches(cfg, prepared, args.eval_batches)
     perplexity = bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
     print(f"step {step}: perplexity by training-frequency bucket (cut points {cut_points})")
     print(format_perplexity_table(perplexity))

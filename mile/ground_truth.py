@@ -36,6 +36,7 @@ from flax import nnx
 
 from mile.data.synthetic import KINDS, Language, load_language
 from mile.jsonl import write_json
+from mile.perplexity import heldout_batches
 from mile.token_frequency import assign_buckets, token_counts
 
 FREQUENCY_BUCKETS = ("easy", "medium", "difficult")
@@ -157,13 +158,7 @@ def evaluate_workdir(
     language, _ = load_language(prepared.tokenizer_path)
     counts = token_counts(prepared)
     buckets = assign_buckets(counts, cut_points)
-    batches = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=eval_batches,
-    )
+    batches = heldout_batches(cfg, prepared, eval_batches)
     stats = ground_truth_stats(make_truth_stats_fn(model, language), batches, buckets, language.kind)
     return {
         "workdir": os.path.abspath(workdir),

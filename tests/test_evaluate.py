@@ -11,6 +11,7 @@ from train_helpers import tiny_config
 
 from mile import data as mdata
 from mile import evaluate as E
+from mile import perplexity as P
 from mile import token_frequency as TF
 from mile import train as T
 from mile.model import Llama, ModelConfig
@@ -46,7 +47,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stats_fn(model):
-    return E.make_stats_fn(model)
+    return P.make_stats_fn(model)
 
 
 def _log_softmax64(model, ids):
@@ -112,7 +113,7 @@ def test_bucket_perplexity_matches_numpy(model, stats_fn):
         tokens = rng.integers(0, VOCAB, (4, 17))
         mask = (rng.random((4, 16)) > 0.2).astype(np.float32)
         batches.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask})
-    res = E.bucket_perplexity(model, iter(batches), buckets, stats_fn=stats_fn)
+    res = P.bucket_perplexity(model, iter(batches), buckets, stats_fn=stats_fn)
 
     sums = np.zeros((4, 3))  # per bucket (+ overall): tokens, nll, entropy
     for b in batches:
@@ -135,7 +136,7 @@ def test_bucket_perplexity_matches_numpy(model, stats_fn):
 def test_empty_bucket_is_reported_not_nan(model, stats_fn):
     tokens = np.arange(17)[None] % 5
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((1, 16))}
-    res = E.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
+    res = P.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
     assert res["easy"]["tokens"] == 16 and res["difficult"] == {
         "tokens": 0,
         "ce": None,

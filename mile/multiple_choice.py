@@ -26,13 +26,13 @@ the options differ in the context and the continuation is shared). ``gold`` inde
   the left.
 
 ``convert_task`` maps records of common benchmarks (HF datasets layouts) to this schema with
-lm-eval's prompts.
+lm-eval's prompts, one small converter per layout in ``TASK_CONVERTERS``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -201,68 +201,78 @@ def format_mc_table(results: Mapping[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _spaced(context: str | list[str], choices: Sequence[str], gold: int) -> dict:
+    """An example whose choices follow the context after one space, as lm-eval's prompts have it."""
+    return {"context": context, "choices": [" " + c for c in choices], "gold": gold}
+
+
 def _letter_index(labels: Sequence[str], key: str) -> int:
     return list(labels).index(str(key))
+
+
+def _hellaswag(r: Mapping[str, Any]) -> dict:
+    ctx = f"{r['activity_label']}: {r['ctx']}" if r.get("activity_label") else r["ctx"]
+    return _spaced(ctx, r["endings"], int(r["label"]))
+
+
+def _piqa(r: Mapping[str, Any]) -> dict:
+    return _spaced(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"]))
+
+
+def _winogrande(r: Mapping[str, Any]) -> dict:
+    # Partial scoring: each option fills the blank in the context; the text after the blank is
+    # the shared continuation, so acc and acc_norm agree.
+    sentence = r["sentence"]
+    cut = sentence.index("_")
+    rest = sentence[cut + 1 :].strip()
+    contexts = [sentence[:cut] + r["option1"], sentence[:cut] + r["option2"]]
+    return _spaced(contexts, [rest, rest], int(r["answer"]) - 1)
+
+
+def _arc(r: Mapping[str, Any]) -> dict:
+    ch = r["choices"]
+    context = f"Question: {r['question']}\nAnswer:"
+    return _spaced(context, ch["text"], _letter_index(ch["label"], r["answerKey"]))
+
+
+def _openbookqa(r: Mapping[str, Any]) -> dict:
+    ch = r["choices"]
+    return _spaced(r["question_stem"], ch["text"], _letter_index(ch["label"], r["answerKey"]))
+
+
+def _boolq(r: Mapping[str, Any]) -> dict:
+    context = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
+    return _spaced(context, ["no", "yes"], int(bool(r["answer"])))
+
+
+def _siqa(r: Mapping[str, Any]) -> dict:
+    context = f"Question: {r['context']} {r['question']}\nAnswer:"
+    return _spaced(context, [r[k] for k in ("answerA", "answerB", "answerC")], int(r["label"]) - 1)
+
+
+def _storycloze(r: Mapping[str, Any]) -> dict:
+    story = " ".join(r[f"input_sentence_{i}"] for i in range(1, 5))
+    return _spaced(story, [r["sentence_quiz1"], r["sentence_quiz2"]], int(r["answer_right_ending"]) - 1)
+
+
+# Layout name -> converter; the error for an unknown name lists these keys.
+TASK_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], dict]] = {
+    "hellaswag": _hellaswag,
+    "piqa": _piqa,
+    "winogrande": _winogrande,
+    "arc": _arc,
+    "openbookqa": _openbookqa,
+    "boolq": _boolq,
+    "siqa": _siqa,
+    "storycloze": _storycloze,
+}
+_TASK_ALIASES = {"arc_easy": "arc", "arc_challenge": "arc"}  # both ARC sets share one layout
 
 
 def convert_task(name: str, record: Mapping[str, Any]) -> dict:
     """One record of a known benchmark (HF datasets layout) -> a task-file example."""
     name = name.lower()
-    if name == "hellaswag":
-        ctx = record["ctx"]
-        if record.get("activity_label"):
-            ctx = f"{record['activity_label']}: {ctx}"
-        return {"context": ctx, "choices": [" " + e for e in record["endings"]], "gold": int(record["label"])}
-    if name == "piqa":
-        return {
-            "context": f"Question: {record['goal']}\nAnswer:",
-            "choices": [" " + record["sol1"], " " + record["sol2"]],
-            "gold": int(record["label"]),
-        }
-    if name == "winogrande":
-        # Partial scoring: each option fills the blank in the context; the text after the
-        # blank is the shared continuation, so acc and acc_norm agree.
-        sentence = record["sentence"]
-        cut = sentence.index("_")
-        rest = " " + sentence[cut + 1 :].strip()
-        return {
-            "context": [sentence[:cut] + record["option1"], sentence[:cut] + record["option2"]],
-            "choices": [rest, rest],
-            "gold": int(record["answer"]) - 1,
-        }
-    if name in ("arc", "arc_easy", "arc_challenge"):
-        ch = record["choices"]
-        return {
-            "context": f"Question: {record['question']}\nAnswer:",
-            "choices": [" " + t for t in ch["text"]],
-            "gold": _letter_index(ch["label"], record["answerKey"]),
-        }
-    if name == "openbookqa":
-        ch = record["choices"]
-        return {
-            "context": record["question_stem"],
-            "choices": [" " + t for t in ch["text"]],
-            "gold": _letter_index(ch["label"], record["answerKey"]),
-        }
-    if name == "boolq":
-        return {
-            "context": f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:",
-            "choices": [" no", " yes"],
-            "gold": int(bool(record["answer"])),
-        }
-    if name == "siqa":
-        return {
-            "context": f"Question: {record['context']} {record['question']}\nAnswer:",
-            "choices": [" " + record[k] for k in ("answerA", "answerB", "answerC")],
-            "gold": int(record["label"]) - 1,
-        }
-    if name == "storycloze":
-        story = " ".join(record[f"input_sentence_{i}"] for i in range(1, 5))
-        return {
-            "context": story,
-            "choices": [" " + record["sentence_quiz1"], " " + record["sentence_quiz2"]],
-            "gold": int(record["answer_right_ending"]) - 1,
-        }
-    raise ValueError(
-        f"unknown task layout {name!r}; use one of hellaswag, piqa, winogrande, arc, openbookqa, boolq, siqa, storycloze."
-    )
+    convert = TASK_CONVERTERS.get(_TASK_ALIASES.get(name, name))
+    if convert is None:
+        raise ValueError(f"unknown task layout {name!r}; use one of {', '.join(TASK_CONVERTERS)}.")
+    return convert(record)

@@ -8,8 +8,8 @@ import numpy as np
 
 from experiments.report import write_with_reading
 from mile import data as mdata
-from mile import evaluate as ev
 from mile.data import synthetic as syn
+from mile.token_frequency import assign_buckets, token_counts
 
 FREQ = ("easy", "medium", "difficult")
 GROUPS = (("frequency", "overall"),) + tuple(("frequency", b) for b in FREQ) + tuple(
@@ -34,8 +34,8 @@ def language_card(cfg) -> list[str]:
     language, records = syn.load_language(prepared.tokenizer_path)
     h, mu, kind = language.entropy(), language.stationary, language.kind
     types = np.arange(language.vocab_size) >= syn.RESERVED
-    counts = ev.token_counts(prepared, cfg.data)
-    buckets = ev.assign_buckets(counts)
+    counts = token_counts(prepared)
+    buckets = assign_buckets(counts)
     # Held-out positions: the target's frequency bucket x the context's kind.
     stream = _heldout_stream(prepared)
     context = np.concatenate([[syn.EOS_ID], stream[:-1]])

@@ -3,51 +3,10 @@
     python -m mile.evaluate --workdir W [--step N] [--mc task.jsonl ...] [--qa qa.jsonl ...]
         [--k-shot K] [--seed S] [--eval-batches N] [--cut-points 0.8,0.95] [--out FILE] [--overwrite]
 
-Frequency buckets (the paper's per-frequency perplexity)
---------------------------------------------------------
-``token_counts`` counts every token type over the *training* split, tokenised as the trainer
-does (each document's ids followed by EOS), and caches the counts next to the tokenizer under a
-key of (tokenizer file hash, dataset name/dir/split/text key, number of documents).
-
-``assign_buckets`` ranks types by count, descending, ties broken by the smaller id first, and
-gives each type the bucket in which its span *starts*:
-
-* ``mode="cumulative"`` (default, the paper's reading): ``start = occurrences of all types ranked
-  before it / all occurrences``; bucket 0 (easy) if ``start < cut[0]``, 1 (medium) if
-  ``start < cut[1]``, else 2 (difficult). So easy covers at least 80% of occurrences: the type
-  straddling the 80% line is easy. Never-seen types start at 1.0 -> difficult.
-* ``mode="rank"``: ``start = rank / number of seen types`` (rank 0-based), same comparisons; so
-  the first ceil(0.80 * n_seen) seen types are easy. Never-seen types -> difficult.
-
-``bucket_perplexity`` reports per bucket (and "overall") the token count, mean CE in nats,
-perplexity exp(mean CE) and mean predictive entropy, bucketed by each position's *target*.
-
-Multiple choice (lm-evaluation-harness style)
----------------------------------------------
-A task file is JSONL, one example per line::
-
-    {"context": "Question: ...\\nAnswer:", "choices": [" yes", " no"], "gold": 0}
-
-``context`` may also be a list with one context per choice (WinoGrande's partial scoring:
-the options differ in the context and the continuation is shared). ``gold`` indexes
-``choices``. Each choice's score is the summed log-likelihood of its continuation tokens:
-
-* Tokenisation: the sequence is ``[EOS] + encode(context + choice)`` (EOS: a document start,
-  as in training, where documents follow an EOS separator). The continuation tokens are those
-  of the whole encoding beyond its longest common prefix with ``encode(context)``. We encode
-  the whole, not the two halves separately, because this SentencePiece model adds a dummy
-  "▁" prefix: ``encode(" yes")`` alone would give "▁▁yes", a token sequence never seen in
-  training. When pieces merge across the boundary, the merged piece is scored with the
-  continuation (so a choice may carry a few characters of the context's tail).
-* ``acc``: argmax of the summed log-likelihood; ``acc_norm``: argmax of log-likelihood / number
-  of characters in the choice (lm-eval's length normalisation). Ties go to the lower index.
-* k-shot: ``k`` examples drawn by ``mile.fewshot.draw_shots`` (seed ``[seed, example index]``,
-  the rule QA uses too) from the other examples of the task, or from ``shot_pool`` when given,
-  each rendered ``{context}{gold choice}\\n\\n`` and prepended to the context.
-* Batching: model inputs are right-padded to power-of-two lengths (at least 16, at most
-  ``max_seq_len``) and rows to a fixed batch size, so few shapes are compiled.
-  Attention is causal, so right padding never changes a score. Too long contexts are cut from
-  the left.
+The command line and its orchestration; the work is done by ``mile.token_frequency`` (training
+counts and frequency buckets), ``mile.perplexity`` (per-token statistics, perplexity by bucket),
+``mile.multiple_choice`` (log-likelihood scoring of task files) and ``mile.qa`` (closed-book QA).
+Perplexity is reported for both bucketings, ``cumulative`` and ``rank``.
 
 Output policy: results go to ``--out`` or ``<workdir>/eval/step_<N>.json``; an existing file is
 never overwritten unless ``--overwrite`` is given (checked right after the checkpoint is
@@ -57,450 +16,23 @@ restored, before any evaluation).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import nnx
 
-from mile import atomic, qa
-from mile.fewshot import draw_shots
-from mile.fused import fused_token_statistics
-from mile.jsonl import read_records, write_json
-
-BUCKET_NAMES = ("easy", "medium", "difficult")
-_MIN_MC_LEN = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# Token counts and buckets.
-# ---------------------------------------------------------------------------------------------
-
-
-def _file_sha(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _open_train_source(prepared):
-    from mile.data import tfds_corpus
-
-    return tfds_corpus.open_source(
-        prepared.tfds_name, prepared.tfds_data_dir, prepared.train_split, prepared.text_key
-    )
-
-
-def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
-    """Where the counts of this (tokenizer, training split) pair are cached."""
-    key = "|".join(
-        [
-            _file_sha(prepared.tokenizer_path),
-            prepared.tfds_name,
-            str(prepared.tfds_data_dir),
-            prepared.train_split,
-            prepared.text_key,
-            str(source_len),
-        ]
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return pathlib.Path(prepared.tokenizer_path).parent / f"token_counts-{digest}.npy"
-
-
-def token_counts(prepared, data_cfg: Any = None, *, batch_docs: int = 1024, cache: bool = True) -> np.ndarray:
-    """int64[tokenizer vocab] occurrences of each type in the training split (docs + EOS each).
-
-    ``data_cfg`` is accepted for symmetry with ``mile.data``; everything needed is in ``prepared``.
-    """
-    del data_cfg
-    source = _open_train_source(prepared)
-    path = counts_cache_path(prepared, len(source))
-    if cache and path.is_file():
-        return np.load(path)
-    tokenizer = prepared.tokenizer
-    vocab = tokenizer.vocab_size
-    counts = np.zeros(vocab, np.int64)
-    for start in range(0, len(source), batch_docs):
-        docs = source.__getitems__(list(range(start, min(start + batch_docs, len(source)))))
-        ids = tokenizer.processor.encode(docs)  # same ids as Tokenizer.encode, one call per batch
-        flat = np.concatenate([np.asarray(doc, np.int64) for doc in ids] + [np.zeros(0, np.int64)])
-        counts += np.bincount(flat, minlength=vocab)[:vocab]
-    counts[tokenizer.eos_id] += len(source)  # the separator after every document
-    if cache:
-        with atomic.replacing(path) as tmp:  # a present cache file is always complete
-            np.save(tmp, counts)
-    return counts
-
-
-def _check_cut_points(cut_points: Sequence[float]) -> tuple[float, ...]:
-    cuts = tuple(float(c) for c in cut_points)
-    if not cuts or any(not 0.0 < c < 1.0 for c in cuts) or list(cuts) != sorted(set(cuts)):
-        raise ValueError(f"cut_points={cut_points} must be increasing fractions in (0, 1); e.g. 0.8,0.95.")
-    return cuts
-
-
-def assign_buckets(
-    counts: np.ndarray, cut_points: Sequence[float] = (0.80, 0.95), mode: str = "cumulative"
-) -> np.ndarray:
-    """int32[V] bucket of every type: 0 = easy (frequent) ... len(cut_points) = difficult (rare)."""
-    cuts = _check_cut_points(cut_points)
-    counts = np.asarray(counts, np.int64)
-    if counts.ndim != 1 or (counts < 0).any():
-        raise ValueError(f"counts must be a 1-D array of non-negative integers, got shape {counts.shape}.")
-    order = np.lexsort((np.arange(len(counts)), -counts))  # count descending, then id ascending
-    ranked = counts[order]
-    if mode == "cumulative":
-        total = ranked.sum()
-        if total == 0:
-            raise ValueError("counts are all zero; count tokens over a non-empty training split.")
-        start = (np.cumsum(ranked) - ranked) / total
-    elif mode == "rank":
-        seen = int((ranked > 0).sum())
-        if seen == 0:
-            raise ValueError("counts are all zero; count tokens over a non-empty training split.")
-        start = np.arange(len(ranked)) / seen
-    else:
-        raise ValueError(f"mode={mode!r} is not 'cumulative' or 'rank'.")
-    ranked_bucket = np.searchsorted(np.asarray(cuts), start, side="right").astype(np.int32)
-    ranked_bucket[ranked == 0] = len(cuts)  # never seen -> the rarest bucket
-    buckets = np.empty(len(counts), np.int32)
-    buckets[order] = ranked_bucket
-    return buckets
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-token statistics (one jit for perplexity and multiple choice).
-# ---------------------------------------------------------------------------------------------
-
-
-def make_stats_fn(model, *, chunk_size: int | None = None):
-    """(inputs int[B,S], targets int[B,S]) -> {"nll", "entropy"} float32 [B,S], jit-compiled."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def stats(state, inputs, targets):
-        m = nnx.merge(graphdef, state)
-        return fused_token_statistics(m(inputs), m.unembedding(), targets, chunk_size=chunk_size)
-
-    def run(inputs, targets):
-        out = stats(state, np.asarray(inputs, np.int32), np.asarray(targets, np.int32))
-        return {k: np.asarray(v, np.float64) for k, v in out.items()}
-
-    return run
-
-
-def _summarise(tokens: float, nll: float, entropy: float) -> dict[str, Any]:
-    if tokens == 0:
-        return {"tokens": 0, "ce": None, "perplexity": None, "entropy": None}
-    ce = nll / tokens
-    return {
-        "tokens": int(tokens),
-        "ce": ce,
-        "perplexity": math.exp(min(ce, 700.0)),
-        "entropy": entropy / tokens,
-    }
-
-
-def bucket_perplexities(
-    model,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    bucket_maps: Mapping[str, np.ndarray],
-    names: Sequence[str] = BUCKET_NAMES,
-    *,
-    stats_fn=None,
-) -> dict[str, dict]:
-    """``bucket_perplexity`` for several bucketings at once, from one pass over ``batches``."""
-    stats_fn = stats_fn or make_stats_fn(model)
-    k = len(names)
-    sums = {key: np.zeros((3, k)) for key in bucket_maps}  # rows: tokens, nll, entropy
-    total = np.zeros(3)
-    for batch in batches:
-        targets = np.asarray(batch["targets"])
-        mask = np.asarray(batch.get("mask", np.ones(targets.shape)), np.float64)
-        out = stats_fn(batch["inputs"], targets)
-        total += [mask.sum(), (mask * out["nll"]).sum(), (mask * out["entropy"]).sum()]
-        for key, bucket_of_type in bucket_maps.items():
-            if targets.max() >= len(bucket_of_type):
-                raise ValueError(
-                    f"target id {targets.max()} is beyond the {len(bucket_of_type)} bucketed types; count tokens with this tokenizer."
-                )
-            b = np.asarray(bucket_of_type)[targets].reshape(-1)
-            if b.max() >= k:
-                raise ValueError(
-                    f"bucket id {b.max()} has no name in names={tuple(names)}; pass one name per bucket."
-                )
-            m = mask.reshape(-1)
-            for row, values in enumerate((m, m * out["nll"].reshape(-1), m * out["entropy"].reshape(-1))):
-                sums[key][row] += np.bincount(b, weights=values, minlength=k)
-    results = {}
-    for key in bucket_maps:
-        res = {name: _summarise(*sums[key][:, i]) for i, name in enumerate(names)}
-        res["overall"] = _summarise(*total)
-        results[key] = res
-    return results
-
-
-def bucket_perplexity(
-    model,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    bucket_of_type: np.ndarray,
-    names: Sequence[str] = BUCKET_NAMES,
-    *,
-    stats_fn=None,
-) -> dict[str, dict]:
-    """Per bucket of the target type and "overall": tokens, mean CE (nats), perplexity, entropy.
-
-    ``batches`` yield ``{"inputs", "targets", "mask"}`` (as ``mile.data.eval_iterator``); sums
-    are accumulated in float64 on the host.
-    """
-    return bucket_perplexities(model, batches, {"b": bucket_of_type}, names, stats_fn=stats_fn)["b"]
-
-
-def format_perplexity_table(results: Mapping[str, Mapping[str, dict]]) -> str:
-    lines = [f"{'mode':<11}{'bucket':<11}{'tokens':>10}{'ce':>9}{'ppl':>11}{'entropy':>9}"]
-    for mode, res in results.items():
-        for name, r in res.items():
-            if r["tokens"]:
-                lines.append(
-                    f"{mode:<11}{name:<11}{r['tokens']:>10}{r['ce']:>9.4f}"
-                    f"{r['perplexity']:>11.3f}{r['entropy']:>9.4f}"
-                )
-            else:
-                lines.append(f"{mode:<11}{name:<11}{0:>10}{'-':>9}{'-':>11}{'-':>9}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multiple choice.
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_example(ex: Any, where: str) -> dict:
-    if not isinstance(ex, dict) or not {"context", "choices", "gold"} <= set(ex):
-        raise ValueError(f"{where}: expected an object with context, choices, gold; fix the task file.")
-    choices, gold, context = ex["choices"], ex["gold"], ex["context"]
-    if (
-        not isinstance(choices, list)
-        or len(choices) < 2
-        or not all(isinstance(c, str) and c for c in choices)
-    ):
-        raise ValueError(f"{where}: choices must be a list of >= 2 non-empty strings; fix the task file.")
-    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-        raise ValueError(f"{where}: gold={gold!r} must be an int index into the {len(choices)} choices.")
-    if isinstance(context, list):
-        if len(context) != len(choices) or not all(isinstance(c, str) for c in context):
-            raise ValueError(f"{where}: a context list needs one string per choice; fix the task file.")
-    elif not isinstance(context, str):
-        raise ValueError(f"{where}: context must be a string (or a list, one per choice).")
-    return {"context": context, "choices": choices, "gold": gold}
-
-
-def load_task(path: str | os.PathLike) -> list[dict]:
-    """Examples of a multiple-choice JSONL task file (schema in the module docstring)."""
-    return [_check_example(record, where) for where, record in read_records(path, "task")]
-
-
-def _contexts(ex: Mapping) -> list[str]:
-    c = ex["context"]
-    return list(c) if isinstance(c, list) else [c] * len(ex["choices"])
-
-
-def _shot_text(ex: Mapping) -> str:
-    return _contexts(ex)[ex["gold"]] + ex["choices"][ex["gold"]] + "\n\n"
-
-
-def few_shot_prefix(
-    examples: Sequence[Mapping],
-    index: int,
-    k_shot: int,
-    seed: int,
-    shot_pool: Sequence[Mapping] | None = None,
-) -> str:
-    """The k demonstrations for example ``index`` (mile.fewshot's rule, shared with QA)."""
-    return "".join(_shot_text(ex) for ex in draw_shots(examples, index, k_shot, seed, shot_pool))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def encode_request(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
-    """(token ids incl. leading EOS, number of trailing continuation tokens), left-truncated to
-    ``max_len + 1`` tokens (model inputs are the first ``max_len``)."""
-    ctx = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
-    n_cont = len(whole) - _common_prefix(ctx, whole)
-    if n_cont == 0:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens; give non-empty choices.")
-    if n_cont > max_len:
-        raise ValueError(
-            f"continuation has {n_cont} tokens, more than max_seq_len={max_len}; shorten the choices."
-        )
-    ids = [tokenizer.eos_id] + whole
-    return ids[-(max_len + 1) :], n_cont
-
-
-def _bucket_len(n: int, cap: int) -> int:
-    return min(cap, max(_MIN_MC_LEN, 1 << (n - 1).bit_length()))
-
-
-def score_requests(
-    stats_fn, requests: Sequence[tuple[list[int], int]], *, max_len: int, batch_size: int = 16
-) -> np.ndarray:
-    """float64 summed log-likelihood of each request's continuation tokens."""
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
-    scores = np.zeros(len(requests))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        seq = _bucket_len(max(len(requests[i][0]) for i in rows) - 1, max_len)
-        inputs = np.zeros((batch_size, seq), np.int32)  # padding rows/columns: masked out below
-        targets = np.zeros((batch_size, seq), np.int32)
-        mask = np.zeros((batch_size, seq))
-        for r, i in enumerate(rows):
-            ids, n_cont = requests[i]
-            n = len(ids) - 1
-            inputs[r, :n], targets[r, :n] = ids[:-1], ids[1:]
-            mask[r, n - n_cont : n] = 1.0
-        nll = stats_fn(inputs, targets)["nll"]
-        for r, i in enumerate(rows):
-            scores[i] = -(nll[r] * mask[r]).sum()
-    return scores
-
-
-def score_multiple_choice(
-    model,
-    tokenizer,
-    examples: Sequence[Mapping],
-    *,
-    k_shot: int = 0,
-    seed: int = 0,
-    shot_pool: Sequence[Mapping] | None = None,
-    batch_size: int = 16,
-    max_len: int | None = None,
-    stats_fn=None,
-) -> dict[str, Any]:
-    """{"acc", "acc_norm", "n", "k_shot", "loglik": [[per choice] per example]}."""
-    examples = [_check_example(e, f"example {i}") for i, e in enumerate(examples)]
-    max_len = max_len or model.config.max_seq_len
-    stats_fn = stats_fn or make_stats_fn(model)
-    requests, owner = [], []
-    for i, ex in enumerate(examples):
-        prefix = few_shot_prefix(examples, i, k_shot, seed, shot_pool)
-        for context, choice in zip(_contexts(ex), ex["choices"]):
-            requests.append(encode_request(tokenizer, prefix + context, choice, max_len))
-            owner.append(i)
-    scores = score_requests(stats_fn, requests, max_len=max_len, batch_size=batch_size)
-    logliks, acc, acc_norm, pos = [], 0, 0, 0
-    for ex in examples:
-        ll = scores[pos : pos + len(ex["choices"])]
-        pos += len(ex["choices"])
-        lengths = np.array([len(c) for c in ex["choices"]], np.float64)
-        acc += int(np.argmax(ll) == ex["gold"])
-        acc_norm += int(np.argmax(ll / lengths) == ex["gold"])
-        logliks.append([float(x) for x in ll])
-    n = len(examples)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "k_shot": k_shot, "loglik": logliks}
-
-
-# ---------------------------------------------------------------------------------------------
-# Converters from common benchmark layouts to {"context", "choices", "gold"} (lm-eval prompts).
-# ---------------------------------------------------------------------------------------------
-
-
-def _letter_index(labels: Sequence[str], key: str) -> int:
-    return list(labels).index(str(key))
-
-
-def convert_task(name: str, record: Mapping[str, Any]) -> dict:
-    """One record of a known benchmark (HF datasets layout) -> a task-file example."""
-    name = name.lower()
-    if name == "hellaswag":
-        ctx = record["ctx"]
-        if record.get("activity_label"):
-            ctx = f"{record['activity_label']}: {ctx}"
-        return {"context": ctx, "choices": [" " + e for e in record["endings"]], "gold": int(record["label"])}
-    if name == "piqa":
-        return {
-            "context": f"Question: {record['goal']}\nAnswer:",
-            "choices": [" " + record["sol1"], " " + record["sol2"]],
-            "gold": int(record["label"]),
-        }
-    if name == "winogrande":
-        # Partial scoring: each option fills the blank in the context; the text after the
-        # blank is the shared continuation, so acc and acc_norm agree.
-        sentence = record["sentence"]
-        cut = sentence.index("_")
-        rest = " " + sentence[cut + 1 :].strip()
-        return {
-            "context": [sentence[:cut] + record["option1"], sentence[:cut] + record["option2"]],
-            "choices": [rest, rest],
-            "gold": int(record["answer"]) - 1,
-        }
-    if name in ("arc", "arc_easy", "arc_challenge"):
-        ch = record["choices"]
-        return {
-            "context": f"Question: {record['question']}\nAnswer:",
-            "choices": [" " + t for t in ch["text"]],
-            "gold": _letter_index(ch["label"], record["answerKey"]),
-        }
-    if name == "openbookqa":
-        ch = record["choices"]
-        return {
-            "context": record["question_stem"],
-            "choices": [" " + t for t in ch["text"]],
-            "gold": _letter_index(ch["label"], record["answerKey"]),
-        }
-    if name == "boolq":
-        return {
-            "context": f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:",
-            "choices": [" no", " yes"],
-            "gold": int(bool(record["answer"])),
-        }
-    if name == "siqa":
-        return {
-            "context": f"Question: {record['context']} {record['question']}\nAnswer:",
-            "choices": [" " + record[k] for k in ("answerA", "answerB", "answerC")],
-            "gold": int(record["label"]) - 1,
-        }
-    if name == "storycloze":
-        story = " ".join(record[f"input_sentence_{i}"] for i in range(1, 5))
-        return {
-            "context": story,
-            "choices": [" " + record["sentence_quiz1"], " " + record["sentence_quiz2"]],
-            "gold": int(record["answer_right_ending"]) - 1,
-        }
-    raise ValueError(
-        f"unknown task layout {name!r}; use one of hellaswag, piqa, winogrande, arc, openbookqa, boolq, siqa, storycloze."
-    )
-
-
-def format_mc_table(results: Mapping[str, dict]) -> str:
-    lines = [f"{'task':<24}{'n':>6}{'k':>4}{'acc':>8}{'acc_norm':>10}"]
-    for name, r in results.items():
-        lines.append(f"{name:<24}{r['n']:>6}{r['k_shot']:>4}{r['acc']:>8.4f}{r['acc_norm']:>10.4f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line.
-# ---------------------------------------------------------------------------------------------
+from mile import multiple_choice as mc
+from mile import qa
+from mile.jsonl import write_json
+from mile.perplexity import bucket_perplexities, format_perplexity_table, heldout_batches, make_stats_fn
+from mile.token_frequency import BUCKET_NAMES, assign_buckets, check_cut_points, token_counts
 
 
 def _parse_cut_points(text: str) -> tuple[float, ...]:
     try:
-        return _check_cut_points([float(x) for x in text.split(",") if x.strip()])
+        return check_cut_points([float(x) for x in text.split(",") if x.strip()])
     except (TypeError, ValueError):
         raise ValueError(
             f"--cut-points={text!r} must be increasing fractions in (0, 1), e.g. 0.8,0.95."
@@ -516,6 +48,22 @@ def _task_name(path: str, taken: Mapping) -> str:
     return name
 
 
+def _read_tasks(paths: Sequence[str], load) -> dict[str, list[dict]]:
+    """{unique file stem: examples} of the task files, in order."""
+    tasks: dict[str, list[dict]] = {}
+    for path in paths:
+        tasks[_task_name(path, tasks)] = load(path)
+    return tasks
+
+
+def _perplexity(model, cfg, prepared, cut_points, eval_batches, stats_fn) -> tuple[dict, dict]:
+    """(bucket map per mode, perplexity per mode and bucket) over the held-out split."""
+    counts = token_counts(prepared)
+    maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
+    batches = heldout_batches(cfg, prepared, eval_batches)
+    return maps, bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from mile import data as mdata
     from mile.restore import load_trained_model
@@ -523,12 +71,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     cut_points = _parse_cut_points(args.cut_points)
     if not os.path.isdir(args.workdir):
         raise ValueError(f"workdir {args.workdir} does not exist; pass a trained --workdir.")
-    mc_tasks = {}
-    for path in args.mc:  # read every input before the (slow) model restore
-        mc_tasks[_task_name(path, mc_tasks)] = load_task(path)
-    qa_tasks = {}
-    for path in args.qa:
-        qa_tasks[_task_name(path, qa_tasks)] = qa.load_examples(path)
+    mc_tasks = _read_tasks(args.mc, mc.load_task)  # every input is read before the slow restore
+    qa_tasks = _read_tasks(args.qa, qa.load_examples)
     if args.k_shot < 0:
         raise ValueError(f"--k-shot={args.k_shot} must be >= 0.")
     if args.eval_batches is not None and args.eval_batches < 1:
@@ -541,16 +85,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     prepared = mdata.prepare(cfg.data)
     stats_fn = make_stats_fn(model, chunk_size=int(cfg.loss.get("chunk_size", 0) or 0) or None)
 
-    counts = token_counts(prepared, cfg.data)
-    maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
-    batches = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=args.eval_batches,
-    )
-    perplexity = bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
+    maps, perplexity = _perplexity(model, cfg, prepared, cut_points, args.eval_batches, stats_fn)
     print(f"step {step}: perplexity by training-frequency bucket (cut points {cut_points})")
     print(format_perplexity_table(perplexity))
     result: dict[str, Any] = {
@@ -564,15 +99,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "mc": {},
         "qa": {},
     }
+    shots = dict(k_shot=args.k_shot, seed=args.seed)
     for name, examples in mc_tasks.items():
-        result["mc"][name] = score_multiple_choice(
-            model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed, stats_fn=stats_fn
+        result["mc"][name] = mc.score_multiple_choice(
+            model, prepared.tokenizer, examples, stats_fn=stats_fn, **shots
         )
     if mc_tasks:
-        print(format_mc_table(result["mc"]))
+        print(mc.format_mc_table(result["mc"]))
     for name, examples in qa_tasks.items():
-        r = qa.evaluate_qa(model, prepared.tokenizer, examples, k_shot=args.k_shot, seed=args.seed)
-        result["qa"][name] = r
+        r = result["qa"][name] = qa.evaluate_qa(model, prepared.tokenizer, examples, **shots)
         print(f"qa {name}: em={r['em']:.4f} n={r['n']}")
     write_json(out, result)
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""The one few-shot sampling rule, shared by multiple choice (mile.evaluate) and QA (mile.qa).
+"""The one few-shot sampling rule, shared by multiple choice (mile.multiple_choice) and QA (mile.qa).
 
 Example `index` gets `k` demonstrations drawn without replacement by NumPy's generator seeded with
 `[seed, index]`: from `pool` when one is given, otherwise from the task's other examples (never the

@@ -14,7 +14,7 @@ distribution ``p(. | c)`` is known (``mile.data.synthetic``), so besides the mod
   position, and free of the target's sampling noise).
 
 Positions are grouped two ways: by the training-frequency bucket of the target (the 80/15/5
-cumulative buckets of ``mile.evaluate``) and by the kind of context (deterministic /
+cumulative buckets of ``mile.token_frequency``) and by the kind of context (deterministic /
 multi-label / flat, whose true entropies do not overlap; see ``mile.data.synthetic``).
 Each group reports tokens, CE, perplexity, true entropy, true nll, excess, KL and the model's
 mean predictive entropy.
@@ -36,6 +36,8 @@ from flax import nnx
 
 from mile.data.synthetic import KINDS, Language, load_language
 from mile.jsonl import write_json
+from mile.perplexity import heldout_batches
+from mile.token_frequency import assign_buckets, token_counts
 
 FREQUENCY_BUCKETS = ("easy", "medium", "difficult")
 _FIELDS = ("tokens", "nll", "true_nll", "true_entropy", "kl", "entropy")
@@ -145,7 +147,6 @@ def evaluate_workdir(
     """Restores a synthetic-language run and evaluates it on the whole held-out split (or
     ``eval_batches`` batches)."""
     from mile import data as mdata
-    from mile import evaluate as ev
     from mile.restore import load_trained_model
 
     model, cfg, step = load_trained_model(workdir, step=step)
@@ -155,15 +156,9 @@ def evaluate_workdir(
         )
     prepared = mdata.prepare(cfg.data)
     language, _ = load_language(prepared.tokenizer_path)
-    counts = ev.token_counts(prepared, cfg.data)
-    buckets = ev.assign_buckets(counts, cut_points)
-    batches = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=eval_batches,
-    )
+    counts = token_counts(prepared)
+    buckets = assign_buckets(counts, cut_points)
+    batches = heldout_batches(cfg, prepared, eval_batches)
     stats = ground_truth_stats(make_truth_stats_fn(model, language), batches, buckets, language.kind)
     return {
         "workdir": os.path.abspath(workdir),

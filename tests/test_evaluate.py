@@ -11,6 +11,9 @@ from train_helpers import tiny_config
 
 from mile import data as mdata
 from mile import evaluate as E
+from mile import multiple_choice as MC
+from mile import perplexity as P
+from mile import token_frequency as TF
 from mile import train as T
 from mile.model import Llama, ModelConfig
 
@@ -45,7 +48,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stats_fn(model):
-    return E.make_stats_fn(model)
+    return P.make_stats_fn(model)
 
 
 def _log_softmax64(model, ids):
@@ -66,11 +69,11 @@ def test_assign_buckets_hand_example():
     # rank: 6 seen types, start = rank / 6 = 0, .17, .33, .50, .67, .83, (unseen)
     #   < .80 -> easy: ids 0..4; < .95 -> medium: id 5; id 6 never seen -> difficult.
     counts = np.array([50, 30, 10, 5, 3, 2, 0])
-    np.testing.assert_array_equal(E.assign_buckets(counts), [0, 0, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(E.assign_buckets(counts, mode="rank"), [0, 0, 0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(TF.assign_buckets(counts), [0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(TF.assign_buckets(counts, mode="rank"), [0, 0, 0, 0, 0, 1, 2])
     # Order does not matter, ties go to the smaller id: [5, 50, 5, 40] ranks ids 1, 3, 0, 2 with
     # starts 0, .50, .90, .95 -> easy {1, 3}, medium {0}, difficult {2}.
-    np.testing.assert_array_equal(E.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
+    np.testing.assert_array_equal(TF.assign_buckets(np.array([5, 50, 5, 40])), [1, 0, 2, 0])
 
 
 @pytest.mark.parametrize(
@@ -78,13 +81,13 @@ def test_assign_buckets_hand_example():
 )
 def test_assign_buckets_bad_input(kwargs):
     with pytest.raises(ValueError):
-        E.assign_buckets(np.array([3, 2, 1]), **kwargs)
+        TF.assign_buckets(np.array([3, 2, 1]), **kwargs)
 
 
 def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
     cfg, prepared, _ = trained
-    counts = E.token_counts(prepared, cfg.data)
-    source = E._open_train_source(prepared)
+    counts = TF.token_counts(prepared)
+    source = TF._open_train_source(prepared)
     docs = [source[i] for i in range(len(source))]
     expected = np.zeros(prepared.tokenizer.vocab_size, np.int64)
     for doc in docs:
@@ -92,10 +95,10 @@ def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
             expected[t] += 1
     np.testing.assert_array_equal(counts, expected)
     assert counts.dtype == np.int64 and counts[prepared.tokenizer.eos_id] == len(docs)
-    assert E.counts_cache_path(prepared, len(source)).is_file()
+    assert TF.counts_cache_path(prepared, len(source)).is_file()
     # A second call reads the cache instead of tokenising again.
     monkeypatch.setattr(prepared.tokenizer.processor, "encode", None)
-    np.testing.assert_array_equal(E.token_counts(prepared, cfg.data), expected)
+    np.testing.assert_array_equal(TF.token_counts(prepared), expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ def test_bucket_perplexity_matches_numpy(model, stats_fn):
         tokens = rng.integers(0, VOCAB, (4, 17))
         mask = (rng.random((4, 16)) > 0.2).astype(np.float32)
         batches.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask})
-    res = E.bucket_perplexity(model, iter(batches), buckets, stats_fn=stats_fn)
+    res = P.bucket_perplexity(model, iter(batches), buckets, stats_fn=stats_fn)
 
     sums = np.zeros((4, 3))  # per bucket (+ overall): tokens, nll, entropy
     for b in batches:
@@ -122,19 +125,19 @@ def test_bucket_perplexity_matches_numpy(model, stats_fn):
             m = b["mask"] * (buckets[b["targets"]] == k)
             sums[k] += [m.sum(), (m * nll).sum(), (m * ent).sum()]
         sums[3] += [b["mask"].sum(), (b["mask"] * nll).sum(), (b["mask"] * ent).sum()]
-    for k, name in enumerate(E.BUCKET_NAMES + ("overall",)):
+    for k, name in enumerate(TF.BUCKET_NAMES + ("overall",)):
         tokens, nll, ent = sums[k]
         assert res[name]["tokens"] == tokens
         np.testing.assert_allclose(res[name]["ce"], nll / tokens, rtol=1e-5)
         np.testing.assert_allclose(res[name]["perplexity"], np.exp(nll / tokens), rtol=1e-5)
         np.testing.assert_allclose(res[name]["entropy"], ent / tokens, rtol=1e-5)
-    assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+    assert sum(res[n]["tokens"] for n in TF.BUCKET_NAMES) == res["overall"]["tokens"]
 
 
 def test_empty_bucket_is_reported_not_nan(model, stats_fn):
     tokens = np.arange(17)[None] % 5
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((1, 16))}
-    res = E.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
+    res = P.bucket_perplexity(model, [batch], np.zeros(VOCAB, np.int32), stats_fn=stats_fn)
     assert res["easy"]["tokens"] == 16 and res["difficult"] == {
         "tokens": 0,
         "ce": None,
@@ -165,7 +168,7 @@ def test_mc_loglik_matches_hand_computation(trained, model, stats_fn):
         "choices": [" and aaron", " go forth into the land", " amen"],
         "gold": 1,
     }
-    res = E.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
+    res = MC.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
     expected = [_hand_loglik(model, tok, ex["context"], c) for c in ex["choices"]]
     np.testing.assert_allclose(res["loglik"][0], expected, rtol=1e-5)
     assert res["acc"] == float(np.argmax(expected) == 1)
@@ -179,7 +182,7 @@ def test_acc_and_acc_norm_differ(trained, model, stats_fn):
     # common words: the long one has the lower total but the higher per-character loglik.
     short, long = " \u00fc\u00df", " and the lord said unto moses"
     ex = {"context": "And they went up", "choices": [short, long], "gold": 1}
-    res = E.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
+    res = MC.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
     ll = np.array(res["loglik"][0])
     assert ll[0] > ll[1] and ll[0] / len(short) < ll[1] / len(long)
     assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
@@ -193,20 +196,20 @@ def test_padding_never_changes_a_score(trained, model, stats_fn):
         "choices": [" and ever amen", " unto moses"],
         "gold": 0,
     }
-    alone = E.score_multiple_choice(model, tok, [short], stats_fn=stats_fn, batch_size=1)["loglik"][0]
-    mixed = E.score_multiple_choice(model, tok, [longer, short], stats_fn=stats_fn, batch_size=8)["loglik"][1]
+    alone = MC.score_multiple_choice(model, tok, [short], stats_fn=stats_fn, batch_size=1)["loglik"][0]
+    mixed = MC.score_multiple_choice(model, tok, [longer, short], stats_fn=stats_fn, batch_size=8)["loglik"][1]
     np.testing.assert_allclose(mixed, alone, rtol=1e-5, atol=1e-5)
     # The two batches really had different padded lengths.
-    requests = [E.encode_request(tok, e["context"], e["choices"][0], 64) for e in (short, longer)]
-    assert E._bucket_len(len(requests[0][0]) - 1, 64) < E._bucket_len(len(requests[1][0]) - 1, 64)
+    requests = [MC.encode_request(tok, e["context"], e["choices"][0], 64) for e in (short, longer)]
+    assert MC._bucket_len(len(requests[0][0]) - 1, 64) < MC._bucket_len(len(requests[1][0]) - 1, 64)
 
 
 def test_long_contexts_are_cut_from_the_left(trained, model, stats_fn):
     tok = trained[1].tokenizer
     context = "and the lord said unto moses " * 30
-    ids, n_cont = E.encode_request(tok, context, "go forth", 64)
+    ids, n_cont = MC.encode_request(tok, context, "go forth", 64)
     assert len(ids) == 65 and ids[-n_cont:] == tok.encode(context + "go forth")[-n_cont:]
-    res = E.score_multiple_choice(
+    res = MC.score_multiple_choice(
         model, tok, [{"context": context, "choices": ["go forth", "amen"], "gold": 0}], stats_fn=stats_fn
     )
     assert np.isfinite(res["loglik"]).all()
@@ -227,21 +230,21 @@ def _examples(n=6):
 def test_k_shot_is_deterministic_with_the_seed(trained, model, stats_fn):
     tok = trained[1].tokenizer
     examples = _examples()
-    a = [E.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
-    assert a == [E.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
-    assert a != [E.few_shot_prefix(examples, i, 2, seed=2) for i in range(len(examples))]
+    a = [MC.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
+    assert a == [MC.few_shot_prefix(examples, i, 2, seed=1) for i in range(len(examples))]
+    assert a != [MC.few_shot_prefix(examples, i, 2, seed=2) for i in range(len(examples))]
     for i, prefix in enumerate(a):
         assert examples[i]["context"] not in prefix and prefix.count("\n\n") == 2
-    r1 = E.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
-    r2 = E.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
-    r0 = E.score_multiple_choice(model, tok, examples, k_shot=0, stats_fn=stats_fn)
+    r1 = MC.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
+    r2 = MC.score_multiple_choice(model, tok, examples, k_shot=2, seed=1, stats_fn=stats_fn)
+    r0 = MC.score_multiple_choice(model, tok, examples, k_shot=0, stats_fn=stats_fn)
     assert r1 == r2 and r1["loglik"] != r0["loglik"] and r1["k_shot"] == 2
     with pytest.raises(ValueError, match="k_shot"):
-        E.few_shot_prefix(examples, 0, 6, seed=0)
+        MC.few_shot_prefix(examples, 0, 6, seed=0)
 
 
 def test_convert_task_layouts():
-    c = E.convert_task
+    c = MC.convert_task
     assert c(
         "hellaswag", {"activity_label": "Cooking", "ctx": "He cuts", "endings": ["a", "b"], "label": "1"}
     ) == {"context": "Cooking: He cuts", "choices": [" a", " b"], "gold": 1}
@@ -270,13 +273,13 @@ def test_convert_task_layouts():
     story.update(sentence_quiz1="e1", sentence_quiz2="e2", answer_right_ending=1)
     assert c("storycloze", story) == {"context": "s1. s2. s3. s4.", "choices": [" e1", " e2"], "gold": 0}
     for ex in (w, c("boolq", {"passage": "p", "question": "q", "answer": False})):
-        E._check_example(ex, "converted")
+        MC._check_example(ex, "converted")
     with pytest.raises(ValueError, match="unknown task"):
         c("mmlu", {})
 
 
 def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
-    ex = E.convert_task(
+    ex = MC.convert_task(
         "winogrande",
         {
             "sentence": "The lord spoke to _ in the land.",
@@ -285,7 +288,7 @@ def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
             "answer": "1",
         },
     )
-    res = E.score_multiple_choice(model, trained[1].tokenizer, [ex], stats_fn=stats_fn)
+    res = MC.score_multiple_choice(model, trained[1].tokenizer, [ex], stats_fn=stats_fn)
     assert res["acc"] == res["acc_norm"] and len(res["loglik"][0]) == 2
 
 
@@ -302,7 +305,7 @@ def test_load_task_rejects_bad_lines(tmp_path, line):
     path = tmp_path / "task.jsonl"
     path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n' + line + "\n")
     with pytest.raises(ValueError, match="task.jsonl:2"):
-        E.load_task(path)
+        MC.load_task(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
         res = result["perplexity"][mode]
         assert set(res) == {"easy", "medium", "difficult", "overall"}
         assert res["overall"]["tokens"] == 2 * 8 * 32  # eval batches x batch x seq_len
-        assert sum(res[n]["tokens"] for n in E.BUCKET_NAMES) == res["overall"]["tokens"]
+        assert sum(res[n]["tokens"] for n in TF.BUCKET_NAMES) == res["overall"]["tokens"]
     assert result["mc"]["toy_mc"]["n"] == 6 and result["mc"]["toy_mc"]["k_shot"] == 1
     printed = capsys.readouterr().out
     assert "difficult" in printed and "toy_mc" in printed

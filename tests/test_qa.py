@@ -94,7 +94,7 @@ def test_k_shot_prompts_deterministic():
 def test_k_shot_without_a_pool_uses_the_multiple_choice_rule():
     """No pool: each question's shots are other questions of the task, chosen exactly as multiple
     choice chooses them (same seed and example index -> the same other examples)."""
-    from mile.evaluate import few_shot_prefix
+    from mile.multiple_choice import few_shot_prefix
 
     prompts = qa.build_prompts(EXAMPLES, k_shot=2, seed=5)
     # The task as multiple choice, worded so an MC shot renders exactly as a QA shot.

@@ -154,9 +154,9 @@ def test_the_true_table_scores_exactly_the_recorded_truth(prepared):
 
 
 def test_a_tiny_run_has_non_negative_excess_loss(prepared, tmp_path):
-    from mile import evaluate as ev
     from mile import train
     from mile.restore import load_trained_model
+    from mile.token_frequency import assign_buckets, token_counts
 
     cfg, prep = prepared
     cfg = cfg.copy_and_resolve_references()
@@ -186,7 +186,7 @@ def test_a_tiny_run_has_non_negative_excess_loss(prepared, tmp_path):
         assert result["context"][name]["excess"] > -noise * 3, (name, result["context"][name])
     # The model learned something: less than a uniform guess, more than the truth.
     assert overall["true_nll"] < overall["ce"] < np.log(SMALL.vocab_size)
-    buckets = ev.assign_buckets(ev.token_counts(prep))
+    buckets = assign_buckets(token_counts(prep))
     assert result["bucket_types"] == np.bincount(buckets, minlength=3).tolist()
 
 

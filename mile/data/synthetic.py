@@ -302,7 +302,7 @@ class IdTokenizer:
         return self.size
 
     @property
-    def processor(self) -> "IdTokenizer":  # mile.evaluate batch-encodes via tokenizer.processor
+    def processor(self) -> "IdTokenizer":  # mile.token_frequency batch-encodes via tokenizer.processor
         return self
 
     def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:

@@ -157,13 +157,7 @@ def evaluate_workdir(
     language, _ = load_language(prepared.tokenizer_path)
     counts = ev.token_counts(prepared, cfg.data)
     buckets = ev.assign_buckets(counts, cut_points)
-    batches = mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=eval_batches,
-    )
+    batches = mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches)
     stats = ground_truth_stats(make_truth_stats_fn(model, language), batches, buckets, language.kind)
     return {
         "workdir": os.path.abspath(workdir),

@@ -47,22 +47,23 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
+    # mile.data.DataConfig reads and checks every key.
     c.data = ml_collections.ConfigDict(
         dict(
             source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds" | "synthetic"
             text_files=(),  # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
-            tfds_name="",  # source="tfds": an ArrayRecord TFDS dataset, e.g. "c4/en"
-            tfds_data_dir="",
-            text_key="text",
-            train_split="train",
-            eval_split="validation",
-            validation_every=50,  # kjv/text: every N-th document is held out
-            vocab_size=8000,  # SentencePiece vocabulary (must be <= model.vocab_size)
-            tokenizer_max_docs=100000,
-            cache_dir=".cache",
-            shuffle_seed=0,
-            read_threads=0,
-            seq_len=256,
+            tfds_name="",  # source="tfds": a prepared ArrayRecord TFDS dataset, e.g. "c4/en"
+            tfds_data_dir="",  # source="tfds": its TFDS data_dir
+            text_key="text",  # the text feature (tfds) / JSONL field (text)
+            train_split="train",  # source="tfds": the split to train on
+            eval_split="validation",  # source="tfds": the split to evaluate on
+            validation_every=50,  # kjv/text/synthetic: every N-th document is held out
+            vocab_size=8000,  # SentencePiece vocabulary (must be <= model.vocab_size); synthetic: its ids
+            tokenizer_max_docs=100000,  # source="tfds": documents sampled to train the tokenizer
+            cache_dir=".cache",  # corpora, TFDS datasets and tokenizers
+            shuffle_seed=0,  # training shuffle seed
+            read_threads=0,  # grain read/tokenise threads per process; 0 = the main thread
+            seq_len=256,  # tokens per sequence
             global_batch_size=16,  # sequences per optimiser update, over all processes
             # Disjoint document streams, each filling its own rows of every batch (mile.multihost);
             # 0 = one per process. Fix it to get the same batches under any process count.

@@ -32,9 +32,7 @@ def make_verse_completion_task(data_cfg, path: str, *, num_examples=200, num_cho
     if os.path.exists(path):
         return path
     prepared = mdata.prepare(data_cfg)
-    source = mdata.tfds_corpus.open_source(
-        prepared.tfds_name, prepared.tfds_data_dir, prepared.eval_split, prepared.text_key
-    )
+    source = prepared.open("eval")
     docs = [source[i] for i in range(len(source))]
     verses = [v.split() for doc in docs for v in doc.splitlines() if len(v.split()) >= 10]
     rng = np.random.default_rng(seed)

@@ -72,9 +72,7 @@ def language_card(cfg) -> list[str]:
 
 
 def _heldout_stream(prepared) -> np.ndarray:
-    source = mdata.tfds_corpus.open_source(
-        prepared.tfds_name, prepared.tfds_data_dir, prepared.eval_split, prepared.text_key
-    )
+    source = prepared.open("eval")
     return syn.heldout_stream([prepared.tokenizer.encode(source[i]) for i in range(len(source))])
 
 

@@ -39,13 +39,7 @@ def heldout_batches(cfg, prepared, num_batches: int | None):
     or the first ``num_batches`` batches (what the offline evaluators read)."""
     from mile import data as mdata  # deferred: it imports tensorflow_datasets, which is slow
 
-    return mdata.eval_iterator(
-        cfg.data,
-        prepared,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.data.global_batch_size,
-        num_batches=num_batches,
-    )
+    return mdata.eval_iterator(cfg.data, prepared, num_batches=num_batches)
 
 
 def _summarise(tokens: float, nll: float, entropy: float) -> dict[str, Any]:

@@ -37,14 +37,6 @@ def _file_sha(path: os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _open_train_source(prepared):
-    from mile.data import tfds_corpus  # deferred: it imports tensorflow_datasets, which is slow
-
-    return tfds_corpus.open_source(
-        prepared.tfds_name, prepared.tfds_data_dir, prepared.train_split, prepared.text_key
-    )
-
-
 def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
     """Where the counts of this (tokenizer, training split) pair are cached."""
     key = "|".join(
@@ -63,7 +55,7 @@ def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
 
 def token_counts(prepared, *, batch_docs: int = 1024, cache: bool = True) -> np.ndarray:
     """int64[tokenizer vocab] occurrences of each type in the training split (docs + EOS each)."""
-    source = _open_train_source(prepared)
+    source = prepared.open("train")
     path = counts_cache_path(prepared, len(source))
     if cache and path.is_file():
         return np.load(path)

@@ -78,8 +78,7 @@ def check_fields(cfg) -> None:
     """Each section's own fields (types and ranges); ValueError naming the first bad one and its fix."""
     TrainConfig.from_cfg(cfg.train)
     OptimConfig.from_cfg(cfg.optim)
-    for key in ("global_batch_size", "seq_len"):
-        fields.whole_number(f"data.{key}", cfg.data[key])
+    mdata.DataConfig.from_cfg(cfg.data)
 
 
 def check_config(cfg, mesh) -> L.LossSpec:
@@ -114,7 +113,7 @@ def _check_batch_split(d, k: int, dp: int) -> None:
             f"data.global_batch_size={d.global_batch_size} cannot be split into optim.num_microbatches={k} "
             f"micro-batches over {dp} data-parallel shards; use a multiple of {dp * k}"
         )
-    if d.shards < 0 or d.global_batch_size % (d.shards or jax.process_count()):
+    if d.global_batch_size % (d.shards or jax.process_count()):
         raise ValueError(
             f"data.global_batch_size={d.global_batch_size} cannot be split into data.shards={d.shards} "
             f"streams ({jax.process_count()} processes if 0); set --config.data.shards to a divisor of it"
@@ -209,12 +208,7 @@ def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches
     """Global train batches (or, with eval_batches, a fresh validation pass) from the data streams."""
 
     def open_stream(s):
-        common = dict(
-            seq_len=cfg.data.seq_len,
-            global_batch_size=cfg.data.global_batch_size,
-            process_index=s,
-            process_count=num_streams,
-        )
+        common = dict(process_index=s, process_count=num_streams)
         if eval_batches is None:
             return mdata.train_iterator(cfg.data, prepared, **common)
         return mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches, **common)

@@ -2,6 +2,7 @@
 per-process slicing and exact iterator save/restore. Tiny corpora only; no network except the
 one KJV test, which skips when apt is unavailable."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,6 +42,20 @@ class _IntTokenizer:
         return [int(t) for t in text.split()]
 
 
+@pytest.fixture
+def trainings(monkeypatch):
+    """A list that gets one entry per SentencePiece training run while the test runs."""
+    runs = []
+    real = tokenizer.spm.SentencePieceTrainer.train
+
+    def counting_train(*args, **kwargs):
+        runs.append(kwargs.get("model_prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer.spm.SentencePieceTrainer, "train", counting_train)
+    return runs
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -66,6 +81,8 @@ def text_cfg(tmp_path_factory):
         validation_every=10,
         cache_dir=str(root / "cache"),
         shuffle_seed=3,
+        seq_len=48,
+        global_batch_size=4,
     )
     return cfg, md.prepare(cfg)
 
@@ -115,6 +132,47 @@ def test_prepare_rejects_bad_configs(tmp_path):
         )
 
 
+# --- the data config section -------------------------------------------------------------
+
+
+def test_data_config_has_a_field_for_every_base_config_key():
+    from configs import base, synthetic
+
+    names = {f.name for f in dataclasses.fields(md.DataConfig)}
+    assert set(base.get_config().data.keys()) == names - {"synthetic"}
+    cfg = md.DataConfig.from_cfg(synthetic.get_config().data)
+    assert cfg.source == "synthetic" and cfg.synthetic["max_labels"] == 6
+    # Keys the section lacks (or sets to None) take the defaults.
+    assert md.DataConfig.from_cfg({"source": "kjv", "vocab_size": None}) == md.DataConfig(source="kjv")
+    assert md.DataConfig.from_cfg({"source": "text", "text_files": "a.txt,b.jsonl"}).text_files == (
+        "a.txt",
+        "b.jsonl",
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"source": "pile"},
+            "data.source='pile' is not one of ('kjv', 'text', 'tfds', 'synthetic'); "
+            "set --config.data.source.",
+        ),
+        (
+            {"seq_len": 0},
+            "data.seq_len=0 must be a whole number >= 1; pass --config.data.seq_len=N with N >= 1",
+        ),
+        ({"global_batch_size": 2.0}, "data.global_batch_size=2.0 must be a whole number >= 1; pass"),
+        ({"shards": -1}, "data.shards=-1 must be a whole number >= 0"),
+        ({"source": "tfds"}, "data.source='tfds' needs data.tfds_name"),
+    ],
+)
+def test_bad_data_config_is_a_one_line_error(fields, message):
+    with pytest.raises(ValueError) as err:
+        md.DataConfig.from_cfg({"source": "kjv", **fields})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 # --- TFDS ArrayRecord ---------------------------------------------------------------------
 
 
@@ -139,13 +197,12 @@ def test_too_few_documents_for_a_validation_split(tmp_path):
 # --- tokenizer ----------------------------------------------------------------------------
 
 
-def test_tokenizer_is_trained_once_and_round_trips(tmp_path):
+def test_tokenizer_is_trained_once_and_round_trips(tmp_path, trainings):
     docs = _english_like_docs()
-    before = tokenizer.train_count
     tok = tokenizer.train_or_load(docs, corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
     mtime = os.stat(tok.path).st_mtime_ns
     again = tokenizer.train_or_load(iter(()), corpus_fingerprint="fp", vocab_size=400, cache_dir=tmp_path)
-    assert tokenizer.train_count == before + 1
+    assert len(trainings) == 1
     assert again.path == tok.path and os.stat(tok.path).st_mtime_ns == mtime
     assert tok.path.name == "sp.model" and tok.path.is_file()
     assert tok.vocab_size == 400
@@ -157,11 +214,10 @@ def test_tokenizer_is_trained_once_and_round_trips(tmp_path):
     assert other.path != tok.path and other.vocab_size == 420
 
 
-def test_prepare_is_idempotent(text_cfg):
+def test_prepare_is_idempotent(text_cfg, trainings):
     cfg, prepared = text_cfg
-    before = tokenizer.train_count
     again = md.prepare(cfg)
-    assert tokenizer.train_count == before
+    assert trainings == []
     assert again.tokenizer_path == prepared.tokenizer_path and again.tfds_data_dir == prepared.tfds_data_dir
     assert prepared.tokenizer.vocab_size == 400
 
@@ -188,7 +244,7 @@ def test_real_tokenizer_windows_are_shifted_and_separated(text_cfg):
     batches = list(it)
     assert len(batches) == 3
     eos = prepared.tokenizer.eos_id
-    validation = tfds_corpus.open_source(prepared.tfds_name, prepared.tfds_data_dir, "validation")
+    validation = prepared.open("eval")
     one_pass = []
     for i in range(len(validation)):
         one_pass += prepared.tokenizer.encode(validation[i]) + [eos]
@@ -241,9 +297,24 @@ def test_batch_size_must_divide_by_process_count():
 # --- checkpointable iterator --------------------------------------------------------------
 
 
+def test_iterators_read_the_shape_from_the_section(text_cfg):
+    cfg, prepared = text_cfg
+    from_section = _take(md.train_iterator(cfg, prepared), 3)
+    assert from_section[0]["inputs"].shape == (4, 48)
+    # Keyword arguments win over the section.
+    other = {**cfg, "seq_len": 8, "global_batch_size": 2}
+    _assert_batches_equal(
+        _take(md.train_iterator(other, prepared, seq_len=48, global_batch_size=4), 3), from_section
+    )
+    batches = list(md.eval_iterator(md.DataConfig.from_cfg(cfg), prepared, num_batches=2))
+    assert [b["inputs"].shape for b in batches] == [(4, 48)] * 2
+    with pytest.raises(ValueError, match="'train' or 'eval'"):
+        prepared.open("validation")
+
+
 def test_train_iterator_restores_bit_exactly(text_cfg):
     cfg, prepared = text_cfg
-    make = lambda: md.train_iterator(cfg, prepared, seq_len=48, global_batch_size=4)
+    make = lambda: md.train_iterator(cfg, prepared)
     it = make()
     _take(it, 5)
     state = json.loads(json.dumps(it.get_state()))  # must survive JSON

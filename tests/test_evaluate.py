@@ -87,7 +87,7 @@ def test_assign_buckets_bad_input(kwargs):
 def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
     cfg, prepared, _ = trained
     counts = TF.token_counts(prepared)
-    source = TF._open_train_source(prepared)
+    source = prepared.open("train")
     docs = [source[i] for i in range(len(source))]
     expected = np.zeros(prepared.tokenizer.vocab_size, np.int64)
     for doc in docs:

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mile import atomic
+from mile.data.config import DataConfig
 
 RESERVED = 4  # unk, bos, eos, pad: the ids the SentencePiece tokenizer reserves
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
@@ -84,9 +85,11 @@ class SyntheticSpec:
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> "SyntheticSpec":
-        syn = data_cfg.get("synthetic", None) or {}
+        """From a ``mile.data.DataConfig`` (or the ``data`` ConfigDict/dict it is read from)."""
+        cfg = DataConfig.from_cfg(data_cfg)
+        syn = cfg.synthetic or {}
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "validation_every"}
-        unknown = sorted(set(dict(syn)) - fields)
+        unknown = sorted(set(syn) - fields)
         if unknown:
             raise ValueError(
                 f"unknown data.synthetic keys {unknown}; the generator takes {sorted(fields)}."
@@ -97,11 +100,7 @@ class SyntheticSpec:
             if isinstance(shares, str):  # a command-line "0.4,0.35,0.25"
                 shares = [s for s in shares.split(",") if s.strip()]
             kwargs["kind_shares"] = tuple(float(s) for s in shares)
-        spec = cls(
-            vocab_size=int(data_cfg.get("vocab_size", cls.vocab_size)),
-            validation_every=int(data_cfg.get("validation_every", cls.validation_every)),
-            **kwargs,
-        )
+        spec = cls(vocab_size=cfg.vocab_size, validation_every=cfg.validation_every, **kwargs)
         spec.check()
         return spec
 
@@ -337,7 +336,8 @@ def load_language(path: str | os.PathLike) -> tuple[Language, dict[str, np.ndarr
 
 def prepare(data_cfg: Any, cache_dir: pathlib.Path):
     """Generates (once) the language and its TFDS dataset; returns ``mile.data.PreparedData``."""
-    from mile.data import PreparedData, tfds_corpus
+    from mile.data import tfds_corpus
+    from mile.data.prepared import PreparedData  # it imports this module
 
     spec = SyntheticSpec.from_config(data_cfg)
     root = pathlib.Path(cache_dir) / "synthetic" / spec.key()
@@ -376,12 +376,4 @@ def prepare(data_cfg: Any, cache_dir: pathlib.Path):
                 heldout_logp=logp,
                 spec=np.asarray(json.dumps(dataclasses.asdict(spec))),
             )
-    return PreparedData(
-        tokenizer=IdTokenizer(path=language_path, size=spec.vocab_size),
-        tokenizer_path=language_path,
-        tfds_name=tfds_corpus.DATASET_NAME,
-        tfds_data_dir=str(data_dir),
-        text_key="text",
-        train_split="train",
-        eval_split="validation",
-    )
+    return PreparedData.built(IdTokenizer(path=language_path, size=spec.vocab_size), data_dir)

@@ -23,9 +23,6 @@ _TRAINER_VERSION = "bpe-bytefallback-v1"
 # are cut into pieces of at most this many characters before training.
 _MAX_LINE_CHARS = 4096
 
-# Number of trainings run by this process (tests check that a cached model is not retrained).
-train_count = 0
-
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
@@ -97,52 +94,63 @@ def train_or_load(
     if model_path.is_file():
         return Tokenizer.load(model_path)
 
-    global train_count
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix="train-") as tmp:
-        lines_path = pathlib.Path(tmp) / "lines.txt"
-        with open(lines_path, "w", encoding="utf-8") as f:
-            n_lines = 0
-            for line in _training_lines(docs):
-                f.write(line + "\n")
-                n_lines += 1
-        if n_lines == 0:
-            raise ValueError(
-                "tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name)."
-            )
+        tmp = pathlib.Path(tmp)
+        n_lines = _write_training_lines(docs, tmp / "lines.txt")
         start = time.time()
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(lines_path),
-                model_prefix=str(pathlib.Path(tmp) / "sp"),
-                model_type="bpe",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                character_coverage=0.9995,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                split_digits=True,
-                allow_whitespace_only_pieces=True,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=3,
-                input_sentence_size=max_sentences,
-                shuffle_input_sentence=True,
-                max_sentence_length=4 * _MAX_LINE_CHARS,  # bytes; a char is at most 4 bytes.
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
-            raise ValueError(
-                f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).strip().splitlines()[-1]}"
-            ) from None
-        train_count += 1
+        _train_sentencepiece(tmp / "lines.txt", tmp / "sp", vocab_size, max_sentences)
         logging.info(
             "Trained %d-piece tokenizer on %d lines in %.1fs", vocab_size, n_lines, time.time() - start
         )
         # Rename last: a present sp.model is always complete.
-        os.replace(pathlib.Path(tmp) / "sp.vocab", out_dir / "sp.vocab")
-        os.replace(pathlib.Path(tmp) / "sp.model", model_path)
+        os.replace(tmp / "sp.vocab", out_dir / "sp.vocab")
+        os.replace(tmp / "sp.model", model_path)
     return Tokenizer.load(model_path)
+
+
+def _write_training_lines(docs: Iterable[str], path: pathlib.Path) -> int:
+    """Writes the training lines of ``docs`` to ``path``, one per line; returns how many."""
+    n_lines = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for line in _training_lines(docs):
+            f.write(line + "\n")
+            n_lines += 1
+    if n_lines == 0:
+        raise ValueError(
+            "tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name)."
+        )
+    return n_lines
+
+
+def _train_sentencepiece(
+    lines_path: pathlib.Path, model_prefix: pathlib.Path, vocab_size: int, max_sentences: int
+) -> None:
+    """Writes ``<model_prefix>.model`` and ``.vocab``; a SentencePiece failure becomes a ValueError."""
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(lines_path),
+            model_prefix=str(model_prefix),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=4 * _MAX_LINE_CHARS,  # bytes; a char is at most 4 bytes.
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
+        raise ValueError(
+            f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).strip().splitlines()[-1]}"
+        ) from None

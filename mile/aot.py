@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 
 # Slice name prefix -> (topology prefix, TensorCores per chip counted in the slice name, grid rank).
 # v4 and v5p slices are named by TensorCores (v5p-64 = 32 chips, 3-D torus); v5e and v6e by chips (2-D).
@@ -205,7 +206,6 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     Raises ValueError for a config that cannot run on the slice at all (mesh, batch split).
     """
     import jax
-    import jax.numpy as jnp
 
     from mile import flops, train
     from mile import sharding as msharding
@@ -225,12 +225,7 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, abstract_state = msharding.abstract_sharded(mstate.state_builder(cfg), mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    batch_shard = msharding.batch_sharding(mesh)
-    batch = {
-        "inputs": jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_shard),
-        "targets": jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_shard),
-        "mask": jax.ShapeDtypeStruct((rows, seq), jnp.float32, sharding=batch_shard),
-    }
+    batch = _abstract_batch(mesh, rows, seq)
     step = mstep.jit_train_step(cfg, graphdef, spec, mesh, state_shardings)
 
     report = {
@@ -254,38 +249,61 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     except Exception as e:  # XLA raises JaxRuntimeError / XlaRuntimeError
         if not _is_out_of_memory(e):
             raise
-        report.update(compile_s=time.perf_counter() - start, fits=False, compile_error=_first_line(e))
-        # "... HLO temporaries (143.71G) exceeds available HBM (95.74G)": keep the numbers.
-        needed = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-        if needed:
-            report["temp_gib_required"], report["hbm_available_gib"] = map(float, needed.groups())
+        report.update(compile_s=time.perf_counter() - start, fits=False, **_rejection(e))
         return report
     report["compile_s"] = time.perf_counter() - start
+    parts = _memory_parts(compiled)
+    report.update(_fit(parts, chip))
+    found = collectives(compiled.as_text())
+    report["collectives"] = {"counts": dict(Counter(c["kind"] for c in found)), "instructions": found}
+    report["flops"], report["roofline_estimate"] = flops_and_roofline(
+        cfg, len(devices), chip, parts["arguments"] + parts["outputs"]
+    )
+    return report
 
+
+def _abstract_batch(mesh, rows: int, seq: int) -> dict:
+    """ShapeDtypeStructs of a global token batch, sharded as the loop shards it."""
+    import jax
+    import jax.numpy as jnp
+
+    from mile import sharding as msharding
+
+    shard = msharding.batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=shard)
+    return {"inputs": tokens, "targets": tokens, "mask": jax.ShapeDtypeStruct((rows, seq), jnp.float32, sharding=shard)}
+
+
+def _rejection(e: Exception) -> dict:
+    """What a compile rejected for memory says, with the numbers where XLA gives them."""
+    out = {"compile_error": _first_line(e)}
+    # "... HLO temporaries (143.71G) exceeds available HBM (95.74G)": keep the numbers.
+    needed = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+    if needed:
+        out["temp_gib_required"], out["hbm_available_gib"] = map(float, needed.groups())
+    return out
+
+
+def _memory_parts(compiled) -> dict[str, int]:
     mem = compiled.memory_analysis()
-    parts = {
+    return {
         "arguments": mem.argument_size_in_bytes,
         "outputs": mem.output_size_in_bytes,
         "aliased": mem.alias_size_in_bytes,
         "temp": mem.temp_size_in_bytes,
         "code": mem.generated_code_size_in_bytes,
     }
+
+
+def _fit(parts: dict[str, int], chip) -> dict:
+    """Per-chip memory (GiB) against the chip's HBM: the total, whether it fits, the margin."""
     total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temp"] + parts["code"]
     hbm = chip.hbm_gib * 2**30
-    report["memory_per_chip_gib"] = {**{k: _gib(v) for k, v in parts.items()}, "total": _gib(total)}
-    report["fits"] = total <= hbm
-    report["margin_gib"] = _gib(hbm - total)
-
-    kinds: dict[str, int] = {}
-    found = collectives(compiled.as_text())
-    for c in found:
-        kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
-    report["collectives"] = {"counts": kinds, "instructions": found}
-
-    report["flops"], report["roofline_estimate"] = flops_and_roofline(
-        cfg, len(devices), chip, parts["arguments"] + parts["outputs"]
-    )
-    return report
+    return {
+        "memory_per_chip_gib": {**{k: _gib(v) for k, v in parts.items()}, "total": _gib(total)},
+        "fits": total <= hbm,
+        "margin_gib": _gib(hbm - total),
+    }
 
 
 def microbatch_candidates(cfg, data_parallel: int) -> list[int]:

@@ -49,3 +49,15 @@ def test_a_bad_field_is_one_line_naming_it(cls, values, message):
     with pytest.raises(ValueError, match=message) as e:
         cls(**values)
     assert "\n" not in str(e.value)
+
+
+def test_paper_config_takes_keyword_variants_and_the_old_form():
+    from configs import paper
+
+    assert paper.get_config("size=6.7b,loss=ce") == paper.get_config("6.7b,ce")
+    assert paper.get_config("loss=focal,size=1.2b") == paper.get_config("1.2b,focal")
+    got = paper.get_config("size=6.7b,loss=ce")
+    assert (got.model.num_layers, got.model.embed_dim, got.loss.name) == (32, 4096, "ce")
+    assert got.data.global_batch_size * got.data.seq_len == 4_194_304  # tokens per update (paper-spec)
+    with pytest.raises(ValueError, match="unknown setting 'lr=1'"):
+        paper.get_config("size=468m,lr=1")

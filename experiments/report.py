@@ -15,16 +15,20 @@ BUCKETS = ("easy", "medium", "difficult")
 
 
 
-def write_with_reading(report_path: str, lines: list[str]) -> None:
-    """Write a report whose lines end with a "## Reading" section holding the placeholder READING;
-    a reading already written by hand in an earlier report is kept across re-runs."""
+def write_with_reading(report_path: str, lines: list[str], figures: dict[str, str]) -> None:
+    """Write a report: `lines`, then the `figures` (alt text -> image file), then a "## Reading"
+    section. A reading already written by hand in an earlier report is kept across re-runs;
+    otherwise it holds the placeholder READING."""
+    reading = "READING"
     if os.path.exists(report_path):
         with open(report_path) as f:
             old = f.read()
         if "## Reading" in old:
-            lines = lines[:-2] + [old.split("## Reading", 1)[1].strip(), lines[-1]]
+            reading = old.split("## Reading", 1)[1].strip()
+    lines = lines + [""] + [f"![{alt}]({path})" for alt, path in figures.items()]
     with open(report_path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines + ["", "## Reading", "", reading, ""]))
+
 
 def make_verse_completion_task(data_cfg, path: str, *, num_examples=200, num_choices=4, seed=0) -> str:
     """A multiple-choice sanity task from held-out verses: the first half of a verse is the
@@ -160,18 +164,9 @@ def evaluate_and_report(args, runs_dir: str, variants: dict) -> None:
             e = evals[v, s]["perplexity"]["cumulative"]
             cells = [f"{e[b]['perplexity']:.3f}" for b in ("overall",) + BUCKETS]
             lines.append(f"| {v} seed {s} | " + " | ".join(cells) + f" | {curves[v, s][1][-1]:.4f} |")
-    lines += [
-        "",
-        f"![validation CE]({args.name}_validation_ce.png)",
-        f"![bucket perplexity]({args.name}_bucket_ppl.png)",
-        "",
-        "## Reading",
-        "",
-        "READING",
-        "",
-    ]
     report_path = os.path.join(results_dir, f"{args.name}.md")
-    write_with_reading(report_path, lines)
+    figures = {"validation CE": f"{args.name}_validation_ce.png", "bucket perplexity": f"{args.name}_bucket_ppl.png"}
+    write_with_reading(report_path, lines, figures)
 
     colors = dict(zip(variants, ["tab:gray", "tab:orange", "tab:cyan", "tab:blue"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -181,18 +181,9 @@ def write_report(args, cfg, evals, seconds, timing) -> None:
             r = evals[v, s][final]
             cells = [f"{r[g][b]['kl']:.4f}" for g, b in GROUPS]
             lines.append(f"| {v} seed {s} | " + " | ".join(cells) + f" | {seconds[v, s] / 60:.1f} |")
-    lines += [
-        "",
-        f"![KL and excess loss by bucket]({name}_by_bucket.png)",
-        f"![KL over training]({name}_curves.png)",
-        "",
-        "## Reading",
-        "",
-        "READING",
-        "",
-    ]
     report_path = os.path.join(results_dir, f"{name}.md")
-    write_with_reading(report_path, lines)
+    figures = {"KL and excess loss by bucket": f"{name}_by_bucket.png", "KL over training": f"{name}_curves.png"}
+    write_with_reading(report_path, lines, figures)
 
     # Bars: KL and excess loss per group, mean ± sd over seeds.
     fig, axes = plt.subplots(2, 1, figsize=(11, 7))

@@ -110,40 +110,31 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float):
-    """cos/sin [seq_len, head_dim // 2] for positions 0..seq_len-1, in float32."""
+def rope_tables(positions, head_dim: int, base: float):
+    """cos/sin [..., T, head_dim // 2] in float32 for int positions [..., T].
+
+    An int n means positions 0..n-1, the arange built here in float32: the training forward's one
+    table for every row (its compiled step is the same as when this was a separate function).
+    Decoding passes [B, T], each row at its own offset. One formula for both, so a position gets
+    bit-identical angles on either path.
+    """
     inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    if isinstance(positions, int):
+        positions = jnp.arange(positions, dtype=jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]) by angle pos * base^(-2i/d) ("rotate-half" layout).
 
-    x: [B, S, heads, head_dim]; cos/sin: [S, head_dim // 2].
+    x: [B, T, heads, head_dim]; cos/sin: [T, head_dim // 2] or [B, T, head_dim // 2].
     """
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
-def rope_tables_at(positions: jax.Array, head_dim: int, base: float):
-    """cos/sin [B, T, head_dim // 2] for explicit int positions [B, T] (decode path).
-
-    Same float32 arithmetic as `rope_tables`, so a position gets bit-identical angles.
-    """
-    inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def _apply_rope_at(x, cos, sin):
-    """`apply_rope` with per-row tables: x [B, T, heads, hd], cos/sin [B, T, hd // 2]."""
-    x32 = x.astype(jnp.float32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    # One angle for every head: [T, half] -> [1, T, 1, half], [B, T, half] -> [B, T, 1, half].
+    axes = (-2,) if cos.ndim == 3 else (0, -2)
+    cos, sin = jnp.expand_dims(cos, axes), jnp.expand_dims(sin, axes)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
 
@@ -190,7 +181,7 @@ class Attention(nnx.Module):
         q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
-        q, k = _apply_rope_at(q, cos, sin), _apply_rope_at(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache = _write_rows(k_cache, k, start_pos)
         v_cache = _write_rows(v_cache, v, start_pos)
         keys, values = k_cache.astype(dt), v_cache.astype(dt)
@@ -322,7 +313,7 @@ class Llama(nnx.Module):
         seq = tokens.shape[-1]
         start_pos = jnp.asarray(start_pos, jnp.int32)
         positions = start_pos[:, None] + jnp.arange(seq, dtype=jnp.int32)
-        cos, sin = rope_tables_at(positions, c.head_dim, c.rope_base)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_base)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
         if c.scan_layers:
             graphdef, stacked = nnx.split(self.layers)

@@ -114,10 +114,10 @@ class RMSNorm(nnx.Module):
 def rope_tables(positions, head_dim: int, base: float):
     """cos/sin [..., T, head_dim // 2] in float32 for int positions [..., T].
 
-    An int n means positions 0..n-1, the arange built here in float32: the training forward's one
-    table for every row (its compiled step is the same as when this was a separate function).
-    Decoding passes [B, T], each row at its own offset. One formula for both, so a position gets
-    bit-identical angles on either path.
+    An int n means positions 0..n-1, one table for every row: the training forward passes its
+    length, and the arange is built here directly in float32 (exact up to 2**24), so the training
+    step carries no int-to-float convert. Decoding passes [B, T], each row at its own offset. One
+    formula for both, so a position gets bit-identical angles on either path.
     """
     inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     if isinstance(positions, int):

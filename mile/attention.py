@@ -9,7 +9,9 @@ reads kv head h // (H / KV)) and return [B, S, H, hd] in q's dtype. Scores and s
            the causal diagonal. Under a mesh it runs per shard (batch over data x fsdp, heads over
            tensor) inside `shard_map`, since GSPMD cannot partition a Pallas kernel.
 
-The decode path (kv cache) keeps its own XLA attention in mile.model: one query row per step.
+Decoding against a kv cache (mile.model) uses `xla_attention` with an explicit mask: T new
+queries against the cache's M slots, each row at its own offset. The fused kernels take only the
+square causal mask, so they serve the training forward.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ BATCH_AXES = ("data", "fsdp")  # as mile.sharding.BATCH_AXES; heads go over "ten
 HEAD_AXIS = "tensor"
 
 
-def xla_attention(q, k, v):
+def xla_attention(q, k, v, mask=None):
+    """q [B, S, H, hd] against k, v [B, T, KV, hd]; `mask` is bool [S, T] or [B, S, T], True where
+    query s may read key t. None is the causal mask over S == T positions (the training forward)."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     # Group query heads by the kv head they share: [B, S, kv, group, hd].
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    elif mask.ndim == 3:
+        mask = mask[:, None, None]  # per row, shared by every head: [B, 1, 1, S, T]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(batch, seq, heads, head_dim)

@@ -13,12 +13,13 @@ with or without a mesh; `mile.sharding` maps names to mesh axes and places the a
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mile.attention import IMPLEMENTATIONS, causal_attention
+from mile.attention import IMPLEMENTATIONS, causal_attention, xla_attention
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -110,40 +111,31 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float):
-    """cos/sin [seq_len, head_dim // 2] for positions 0..seq_len-1, in float32."""
+def rope_tables(positions, head_dim: int, base: float):
+    """cos/sin [..., T, head_dim // 2] in float32 for int positions [..., T].
+
+    An int n means positions 0..n-1, one table for every row: the training forward passes its
+    length, and the arange is built here directly in float32 (exact up to 2**24), so the training
+    step carries no int-to-float convert. Decoding passes [B, T], each row at its own offset. One
+    formula for both, so a position gets bit-identical angles on either path.
+    """
     inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    if isinstance(positions, int):
+        positions = jnp.arange(positions, dtype=jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]) by angle pos * base^(-2i/d) ("rotate-half" layout).
 
-    x: [B, S, heads, head_dim]; cos/sin: [S, head_dim // 2].
+    x: [B, T, heads, head_dim]; cos/sin: [T, head_dim // 2] or [B, T, head_dim // 2].
     """
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
-def rope_tables_at(positions: jax.Array, head_dim: int, base: float):
-    """cos/sin [B, T, head_dim // 2] for explicit int positions [B, T] (decode path).
-
-    Same float32 arithmetic as `rope_tables`, so a position gets bit-identical angles.
-    """
-    inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def _apply_rope_at(x, cos, sin):
-    """`apply_rope` with per-row tables: x [B, T, heads, hd], cos/sin [B, T, hd // 2]."""
-    x32 = x.astype(jnp.float32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    # One angle for every head: [T, half] -> [1, T, 1, half], [B, T, half] -> [B, T, 1, half].
+    axes = (-2,) if cos.ndim == 3 else (0, -2)
+    cos, sin = jnp.expand_dims(cos, axes), jnp.expand_dims(sin, axes)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
 
@@ -157,11 +149,27 @@ def _write_rows(cache, new, start_pos):
     return jax.vmap(write)(cache, new, start_pos)
 
 
+class CacheView(NamedTuple):
+    """The kv cache during `Llama.decode`, with what every layer needs to write and read it.
+
+    k, v: [B, M, kv_heads, head_dim] inside a block; [num_layers, B, M, ...] around the blocks.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    start_pos: jax.Array  # [B] int32: the slot of each row's first new token
+    visible: jax.Array  # [B, T, M] bool: new token t of row b may read slot m (m <= its position)
+
+    def write(self, k, v) -> "CacheView":
+        """The new tokens' keys/values k, v [B, T, kv_heads, head_dim] stored at their slots."""
+        start = self.start_pos
+        return self._replace(k=_write_rows(self.k, k, start), v=_write_rows(self.v, v, start))
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE; scores and softmax in float32."""
 
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
-        self.num_kv_heads = c.num_kv_heads
         self.dtype = c.compute_dtype
         self.implementation = c.attention
         d, h, kv, hd = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
@@ -170,41 +178,24 @@ class Attention(nnx.Module):
         self.v = _normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), c)
         self.o = _normal_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), c)
 
-    def __call__(self, x, cos, sin):
-        dt = self.dtype
-        q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, self.implementation)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt))
+    def __call__(self, x, cos, sin, cache: CacheView | None = None):
+        """x [B, T, D] at the positions cos/sin were built for -> (out [B, T, D], cache).
 
-    def decode(self, x, cos, sin, k_cache, v_cache, start_pos):
-        """x [B, T, D] at positions start_pos..start_pos+T-1; caches [B, M, kv, hd].
-
-        Writes the new keys/values into the caches, then attends over every slot at or before
-        each query's position, so stale slots past a row's length are never read.
+        This is where `model.attention` plugs in. No cache (training): x attends causally to
+        itself with the configured kernel. With a cache (decoding): x's keys/values are written
+        into it first, then x reads the slots `cache.visible` allows, so stale slots past a row's
+        length are never read. That path is XLA whatever `model.attention` says: the fused
+        kernels take only the square causal mask, not T queries at per-row offsets into M slots.
         """
         dt = self.dtype
-        batch, seq, _ = x.shape
-        q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
-        q, k = _apply_rope_at(q, cos, sin), _apply_rope_at(k, cos, sin)
-        k_cache = _write_rows(k_cache, k, start_pos)
-        v_cache = _write_rows(v_cache, v, start_pos)
-        keys, values = k_cache.astype(dt), v_cache.astype(dt)
-        head_dim = q.shape[-1]
-        q = q.reshape(batch, seq, self.num_kv_heads, -1, head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(head_dim))
-        query_pos = start_pos[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, T]
-        slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-        visible = slots[None, None, :] <= query_pos[:, :, None]  # [B, T, M]
-        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(batch, seq, -1, head_dim)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt)), k_cache, v_cache
+        q, k, v = (jnp.einsum("bsd,dhk->bshk", x, w[...].astype(dt)) for w in (self.q, self.k, self.v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = causal_attention(q, k, v, self.implementation)
+        else:
+            cache = cache.write(k, v)
+            out = xla_attention(q, cache.k.astype(dt), cache.v.astype(dt), mask=cache.visible)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt)), cache
 
 
 class SwiGLU(nnx.Module):
@@ -231,20 +222,16 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(c)
         self.mlp = SwiGLU(c, rngs=rngs)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def decode(self, x, cos, sin, k_cache, v_cache, start_pos):
-        """`__call__` for new tokens against a kv cache; returns (x, k_cache, v_cache)."""
-        attn, k_cache, v_cache = self.attn.decode(self.attn_norm(x), cos, sin, k_cache, v_cache, start_pos)
+    def __call__(self, x, cos, sin, cache: CacheView | None = None):
+        """-> (x, cache); `cache` as in `Attention`."""
+        attn, cache = self.attn(self.attn_norm(x), cos, sin, cache)
         x = x + attn
-        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _apply_block(graphdef, state, x, cos, sin):
+def _apply_block(graphdef, state, x, cos, sin, cache):
     """Pure block application, so it can go under jax.checkpoint and jax.lax.scan."""
-    return nnx.merge(graphdef, state)(x, cos, sin)
+    return nnx.merge(graphdef, state)(x, cos, sin, cache)
 
 
 class Llama(nnx.Module):
@@ -276,24 +263,8 @@ class Llama(nnx.Module):
         seq = tokens.shape[-1]
         if seq > c.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={c.max_seq_len}")
-        cos, sin = rope_tables(seq, c.head_dim, c.rope_base)
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
-        # remat="full": keep only each block's input; recompute its insides in the backward pass.
-        block_fn = _apply_block
-        if c.remat == "full":
-            block_fn = jax.checkpoint(_apply_block, static_argnums=(0,))
-        if c.scan_layers:
-            graphdef, stacked = nnx.split(self.layers)
-
-            def body(carry, layer_state):
-                return block_fn(graphdef, layer_state, carry, cos, sin), None
-
-            x, _ = jax.lax.scan(body, x, stacked)
-        else:
-            for block in self.layers:
-                graphdef, state = nnx.split(block)
-                x = block_fn(graphdef, state, x, cos, sin)
-        return self.final_norm(x)
+        hidden, _ = self._forward(tokens, seq)
+        return hidden
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         """Zeroed kv cache {"k", "v"}: [num_layers, batch, max_len, num_kv_heads, head_dim].
@@ -318,31 +289,57 @@ class Llama(nnx.Module):
         prefix. Prefill is decode with start_pos = 0 and T = the prompt length. Positions
         must stay below the cache's max_len (writes past it are clamped, not checked).
         """
-        c = self.config
         seq = tokens.shape[-1]
         start_pos = jnp.asarray(start_pos, jnp.int32)
         positions = start_pos[:, None] + jnp.arange(seq, dtype=jnp.int32)
-        cos, sin = rope_tables_at(positions, c.head_dim, c.rope_base)
+        slots = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+        visible = slots[None, None, :] <= positions[:, :, None]
+        view = CacheView(cache["k"], cache["v"], start_pos, visible)
+        hidden, view = self._forward(tokens, positions, view)
+        return hidden, {"k": view.k, "v": view.v}
+
+    def _forward(self, tokens, positions, cache: CacheView | None = None):
+        """tokens [B, T] at `positions` (as in `rope_tables`) -> (hidden, cache).
+
+        The one path under `__call__` (an int T, no cache) and `decode` ([B, T] and a cache);
+        `cache` as in `Attention`, with a leading [num_layers] axis on its k and v.
+        """
+        c = self.config
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_base)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
+        x, cache = self._blocks(x, cos, sin, cache)
+        return self.final_norm(x), cache
+
+    def _blocks(self, x, cos, sin, cache: CacheView | None):
+        """Every block in turn; the cache's k, v go in one layer's slice at a time."""
+        c = self.config
+        # remat="full": keep only each block's input; recompute its insides in the backward pass
+        # (decoding has no backward pass, so there it changes nothing).
+        block_fn = _apply_block
+        if c.remat == "full":
+            block_fn = jax.checkpoint(_apply_block, static_argnums=(0,))
+        kv = None if cache is None else (cache.k, cache.v)
+
+        def run(graphdef, state, x, layer_kv):
+            view = None if cache is None else cache._replace(k=layer_kv[0], v=layer_kv[1])
+            x, view = block_fn(graphdef, state, x, cos, sin, view)
+            return x, None if view is None else (view.k, view.v)
+
         if c.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
-            def body(carry, layer):
-                state, k_cache, v_cache = layer
-                carry, k_cache, v_cache = nnx.merge(graphdef, state).decode(
-                    carry, cos, sin, k_cache, v_cache, start_pos
-                )
-                return carry, (k_cache, v_cache)
+            def body(x, layer):
+                state, layer_kv = layer
+                return run(graphdef, state, x, layer_kv)
 
-            x, (ks, vs) = jax.lax.scan(body, x, (stacked, cache["k"], cache["v"]))
+            x, kv = jax.lax.scan(body, x, (stacked, kv))
         else:
-            ks, vs = [], []
+            new_kv = []
             for i, block in enumerate(self.layers):
-                x, k_cache, v_cache = block.decode(x, cos, sin, cache["k"][i], cache["v"][i], start_pos)
-                ks.append(k_cache)
-                vs.append(v_cache)
-            ks, vs = jnp.stack(ks), jnp.stack(vs)
-        return self.final_norm(x), {"k": ks, "v": vs}
+                x, layer_kv = run(*nnx.split(block), x, jax.tree.map(lambda a: a[i], kv))
+                new_kv.append(layer_kv)
+            kv = jax.tree.map(lambda *layers: jnp.stack(layers), *new_kv)
+        return x, None if cache is None else cache._replace(k=kv[0], v=kv[1])
 
     def logits(self, tokens: jax.Array) -> jax.Array:
         """hidden @ unembedding in float32: [B, S, vocab]. For evaluation and tests."""

@@ -59,6 +59,34 @@ def _stopper(stop_ids) -> Callable[[list[int]], bool]:
     return lambda generated: generated[-1] in stop_set
 
 
+def _check_lengths(prompts, max_new_tokens: int, max_seq_len: int) -> np.ndarray:
+    """int32[rows] prompt lengths; ValueError for a negative budget, an empty prompt or no room."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() == 0:
+        raise ValueError(
+            "an empty prompt has no position to predict from; give every prompt at least one token"
+        )
+    if max_new_tokens and lengths.max() + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt length {lengths.max()} + max_new_tokens={max_new_tokens} exceeds "
+            f"model.max_seq_len={max_seq_len}; truncate prompts or generate fewer tokens"
+        )
+    return lengths
+
+
+def _prompt_buffer(prompts, lengths, max_new_tokens: int, max_seq_len: int, pad_id: int):
+    """(int32[rows, prompt_len + max_new_tokens] buffer holding the prompts, prompt_len). The
+    prompt part is rounded up to a bucket, so prompts of similar length share a compiled prefill."""
+    bucketed = -(-int(lengths.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    prompt_len = min(bucketed, max_seq_len - max_new_tokens)
+    buffer = np.full((len(prompts), prompt_len + max_new_tokens), pad_id, np.int32)
+    for b, prompt in enumerate(prompts):
+        buffer[b, : len(prompt)] = prompt
+    return buffer, prompt_len
+
+
 def greedy_generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -78,28 +106,11 @@ def greedy_generate(
     """
     if not prompts:
         return []
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if lengths.min() == 0:
-        raise ValueError(
-            "an empty prompt has no position to predict from; give every prompt at least one token"
-        )
+    lengths = _check_lengths(prompts, max_new_tokens, model.config.max_seq_len)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    max_seq_len = model.config.max_seq_len
-    if lengths.max() + max_new_tokens > max_seq_len:
-        raise ValueError(
-            f"prompt length {lengths.max()} + max_new_tokens={max_new_tokens} exceeds "
-            f"model.max_seq_len={max_seq_len}; truncate prompts or generate fewer tokens"
-        )
-    bucketed = -(-int(lengths.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
-    prompt_len = min(bucketed, max_seq_len - max_new_tokens)
-    total = prompt_len + max_new_tokens
-    batch = len(prompts)
-    buffer = np.full((batch, total), pad_id, np.int32)
-    for b, prompt in enumerate(prompts):
-        buffer[b, : len(prompt)] = prompt
+    buffer, prompt_len = _prompt_buffer(prompts, lengths, max_new_tokens, model.config.max_seq_len, pad_id)
+    batch, total = buffer.shape
 
     graphdef, state = nnx.split(model)
     should_stop = _stopper(stop_ids)

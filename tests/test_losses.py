@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ CASES = [
 
 @pytest.mark.parametrize("loss,norm,gamma,sigma", CASES)
 def test_value_gradient_and_aux_match_float64_reference(loss, norm, gamma, sigma):
-    logits, labels, mask = _inputs(seed=hash((loss, norm, gamma)) % 1000)
+    # A stable seed: Python salts str hashes per process, so hash() would not reproduce a failure.
+    logits, labels, mask = _inputs(seed=zlib.crc32(f"{loss}-{norm}-{gamma}-{sigma}".encode()))
     hp = _hparams(loss, gamma, sigma)
     fn = LOSS_FNS[loss]
 

@@ -41,10 +41,36 @@ def test_disabled_writer_creates_nothing(tmp_path):
     w.write(1, {"loss": 1.0})
     w.close()
     assert not wd.exists()
-    p = ProgressBar(10, 0, enabled=False)
-    p.update(1, loss=1.0)
-    p.write("x")
-    p.close()
+
+
+def _drive_bar(**kwargs):
+    bar = ProgressBar(10, 0, log_every=1, **kwargs)
+    for step in range(1, 11):
+        bar.update(step, loss=1.0, ce=1.5, tokens_per_s=100.0)
+    bar.write("eval loss 0.5")
+    bar.close()
+
+
+def test_disabled_progress_bar_prints_nothing(capsys):
+    """Non-zero processes pass enabled=False: nothing on an explicit stream, nothing on stdout or
+    stderr; the same calls with enabled=True do print (so the check can tell the two apart)."""
+    out = io.StringIO()
+    _drive_bar(enabled=False, file=out)
+    _drive_bar(enabled=False)  # the default stream, stdout
+    assert out.getvalue() == ""
+    assert capsys.readouterr() == ("", "")
+
+    _drive_bar(enabled=True, file=out)
+    _drive_bar(enabled=True)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and lines[0].startswith("step 1/10 (10.0%) loss 1.0000")
+    assert lines[-1] == "eval loss 0.5"
+    printed = capsys.readouterr().out.splitlines()
+
+    def without_eta(rows):
+        return [row.split(" eta ")[0] for row in rows]
+
+    assert without_eta(printed) == without_eta(lines)
 
 
 def test_progress_bar_plain_when_not_tty():

@@ -176,15 +176,20 @@ def test_mc_loglik_matches_hand_computation(trained, model, stats_fn):
     assert res["acc_norm"] == float(np.argmax(norm) == 1)
 
 
+# A short choice of byte-fallback tokens (many tokens, 2 chars) against a long choice of common
+# words: the long one has the lower total but the higher per-character loglik, so length
+# normalisation flips the choice (to the gold one).
+SHORT, LONG = " \u00fc\u00df", " and the lord said unto moses"
+FLIPPED = {"context": "And they went up", "choices": [SHORT, LONG], "gold": 1}
+
+
 def test_acc_and_acc_norm_differ(trained, model, stats_fn):
     tok = trained[1].tokenizer
-    # A short choice of byte-fallback tokens (many tokens, 2 chars) against a long choice of
-    # common words: the long one has the lower total but the higher per-character loglik.
-    short, long = " \u00fc\u00df", " and the lord said unto moses"
-    ex = {"context": "And they went up", "choices": [short, long], "gold": 1}
-    res = MC.score_multiple_choice(model, tok, [ex], stats_fn=stats_fn)
-    ll = np.array(res["loglik"][0])
-    assert ll[0] > ll[1] and ll[0] / len(short) < ll[1] / len(long)
+    hand = np.array([_hand_loglik(model, tok, FLIPPED["context"], c) for c in FLIPPED["choices"]])
+    # The case really discriminates: the float64 logliks pick choice 0 raw, choice 1 per character.
+    assert hand[0] > hand[1] and hand[0] / len(SHORT) < hand[1] / len(LONG)
+    res = MC.score_multiple_choice(model, tok, [FLIPPED], stats_fn=stats_fn)
+    np.testing.assert_allclose(res["loglik"][0], hand, rtol=1e-5)
     assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
 
 
@@ -278,8 +283,12 @@ def test_convert_task_layouts():
         c("mmlu", {})
 
 
-def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
-    ex = MC.convert_task(
+def test_winogrande_partial_scoring_matches_hand_computation(trained, model, stats_fn):
+    """Partial scoring: each option fills the blank in the context and the shared rest of the
+    sentence is scored, so every choice has the same length and acc_norm is acc. Scored with the
+    length-flipping example above, acc and acc_norm must then differ by exactly that example."""
+    tok = trained[1].tokenizer
+    wino = MC.convert_task(
         "winogrande",
         {
             "sentence": "The lord spoke to _ in the land.",
@@ -288,8 +297,17 @@ def test_winogrande_partial_scoring_runs(trained, model, stats_fn):
             "answer": "1",
         },
     )
-    res = MC.score_multiple_choice(model, trained[1].tokenizer, [ex], stats_fn=stats_fn)
-    assert res["acc"] == res["acc_norm"] and len(res["loglik"][0]) == 2
+    assert wino["context"] == ["The lord spoke to moses", "The lord spoke to aaron"]
+    hand = [_hand_loglik(model, tok, ctx, " in the land.") for ctx in wino["context"]]
+    wino_right = float(np.argmax(hand) == 0)
+    res = MC.score_multiple_choice(model, tok, [wino], stats_fn=stats_fn)
+    np.testing.assert_allclose(res["loglik"][0], hand, rtol=1e-5)
+    assert res["acc"] == res["acc_norm"] == wino_right
+
+    both = MC.score_multiple_choice(model, tok, [wino, FLIPPED], stats_fn=stats_fn)
+    np.testing.assert_allclose(both["loglik"][0], hand, rtol=1e-5)
+    assert both["n"] == 2
+    assert both["acc"] == (wino_right + 0.0) / 2 and both["acc_norm"] == (wino_right + 1.0) / 2
 
 
 @pytest.mark.parametrize(

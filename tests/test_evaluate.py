@@ -13,6 +13,7 @@ from mile import data as mdata
 from mile import evaluate as E
 from mile import multiple_choice as MC
 from mile import perplexity as P
+from mile import qa as mqa
 from mile import token_frequency as TF
 from mile import train as T
 from mile.model import Llama, ModelConfig
@@ -413,12 +414,26 @@ def test_cli_closed_book_qa(trained, tmp_path, capsys, monkeypatch):
     argv = ["--workdir", str(workdir), "--qa", str(qa), "--eval-batches", "1", "--out", str(out)]
     assert E.main(argv) == 0
     result = json.loads(out.read_text())["qa"]["toy_qa"]
-    assert result["n"] == 1 and result["em"] in (0.0, 1.0) and len(result["predictions"]) == 1
+    assert result["n"] == 1 and len(result["predictions"]) == 1
+    said = result["predictions"][0]["prediction"]
+    assert result["em"] == result["predictions"][0]["em"] == float(mqa.normalize_answer(said) == "moses")
+
+    # A hand-checked score: the same question twice, once with the model's own answer among the
+    # aliases (with an article, shouted and punctuated: it still matches), once with an answer it
+    # cannot have given. EM is exactly 1 and 0, the task's EM exactly 0.5.
+    assert said != "no such answer"
+    qa.write_text(
+        json.dumps({"question": "Who went up?", "answers": ["no such answer", f"The {said.upper()}!"]}) + "\n"
+        + json.dumps({"question": "Who went up?", "answers": ["no such answer"]}) + "\n"
+    )
+    assert E.main(argv + ["--overwrite"]) == 0
+    result = json.loads(out.read_text())["qa"]["toy_qa"]
+    assert [p["prediction"] for p in result["predictions"]] == [said, said]
+    assert [p["em"] for p in result["predictions"]] == [1.0, 0.0]
+    assert result["n"] == 2 and result["em"] == 0.5
 
     # The README's k-shot command: shots come from the task's other questions (it used to fail
     # with "k_shot=5 needs shots_pool").
-    from mile import qa as mqa
-
     questions = [{"question": f"Who went up {i}?", "answers": [f"moses {i}"]} for i in range(4)]
     qa.write_text("".join(json.dumps(q) + "\n" for q in questions))
     seen = []

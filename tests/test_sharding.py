@@ -125,17 +125,47 @@ def test_created_params_follow_rule_table(sharded):
     assert shard_shapes == {(32, 16)}
 
 
+# Every parameter of model_cfg() (scan_layers: a leading layers axis of 2) on the 2 x 2 x 2 mesh
+# under DEFAULT_RULES, written out by hand: vocab -> tensor, embed -> fsdp, heads / kv_heads /
+# mlp -> tensor, layers and head_dim whole. All sizes divide by 2, so nothing falls back.
+TINY_PARAM_SPECS = {
+    ("embedding",): P("tensor", "fsdp"),  # [64, 32]
+    ("head",): P("fsdp", "tensor"),  # [32, 64]
+    ("final_norm", "scale"): P("fsdp"),  # [32]
+    ("layers", "attn_norm", "scale"): P(None, "fsdp"),  # [2, 32]
+    ("layers", "mlp_norm", "scale"): P(None, "fsdp"),
+    ("layers", "attn", "q"): P(None, "fsdp", "tensor", None),  # [2, 32, 4, 8]
+    ("layers", "attn", "k"): P(None, "fsdp", "tensor", None),  # [2, 32, 2, 8]
+    ("layers", "attn", "v"): P(None, "fsdp", "tensor", None),
+    ("layers", "attn", "o"): P(None, "tensor", None, "fsdp"),  # [2, 4, 8, 32]
+    ("layers", "mlp", "gate"): P(None, "fsdp", "tensor"),  # [2, 32, 48]
+    ("layers", "mlp", "up"): P(None, "fsdp", "tensor"),
+    ("layers", "mlp", "down"): P(None, "tensor", "fsdp"),  # [2, 48, 32]
+}
+
+
+def _expected_spec(path):
+    """(model, optimizer) state path -> its hand-written spec: parameters and Adam's two moments
+    per TINY_PARAM_SPECS, the scalars (Adam's count, the optimizer step) replicated."""
+    if path[0] == 0:
+        return TINY_PARAM_SPECS[path[1:]]
+    if path[:3] == (1, "opt_state", 0) and path[3] in ("mu", "nu"):
+        return TINY_PARAM_SPECS[path[4:]]
+    assert path in ((1, "opt_state", 0, "count"), (1, "step")), path
+    return P()
+
+
 def test_optimizer_moments_mirror_params(sharded, mesh):
     model, optimizer = sharded
-    state = nnx.state(optimizer)
-    adam = state["opt_state"][0]
-    assert adam["mu"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
-    assert adam["nu"]["layers"]["mlp"]["gate"][...].sharding.spec == P(None, "fsdp", "tensor")
-    assert adam["count"][...].sharding.spec == P()
-    # state_shardings of the live state agrees with where the arrays actually are.
-    wanted = sharding.state_shardings(nnx.state((model, optimizer)), mesh, DEFAULT_RULES)
-    actual = jax.tree.map(lambda x: x.sharding, nnx.state((model, optimizer)))
-    assert jax.tree.leaves(wanted) == jax.tree.leaves(actual)
+    state = nnx.state((model, optimizer))
+    assert {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))} == set(TINY_PARAM_SPECS)
+    paths = [path for path, _ in nnx.to_flat_state(state)]
+    assert len(paths) == 3 * len(TINY_PARAM_SPECS) + 2  # params, mu, nu, count, step
+    # Where the arrays are, and what state_shardings asks for, both against the hand table.
+    for path, leaf in nnx.to_flat_state(state):
+        assert leaf.get_value().sharding == jax.sharding.NamedSharding(mesh, _expected_spec(path)), path
+    for path, leaf in nnx.to_flat_state(sharding.state_shardings(state, mesh, DEFAULT_RULES)):
+        assert leaf.get_value() == jax.sharding.NamedSharding(mesh, _expected_spec(path)), path
 
 
 def test_sharded_creation_matches_unsharded_values(sharded):

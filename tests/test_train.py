@@ -450,15 +450,45 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+# The tiny model's parameters (tiny_model_config(): two unrolled layers), listed by hand.
+DECAYED = {"embedding", "head"} | {
+    f"layers.{i}.{name}"
+    for i in (0, 1)
+    for name in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+}
+NOT_DECAYED = {"final_norm.scale"} | {f"layers.{i}.{n}_norm.scale" for i in (0, 1) for n in ("attn", "mlp")}
+
+
 def test_weight_decay_skips_norm_scales_only():
+    """One step of the trainer's optimiser with zero gradients moves a parameter only by its weight
+    decay: decayed weights shrink by exactly the factor 1 - lr * wd, the norm scales stay put."""
+    import optax
+    from configs import base
     from model_helpers import tiny_model_config
 
     from mile.model import Llama
 
-    params = nnx.state(Llama(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    mask = mstate._decay_mask(params, ("norm",))
-    decayed = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
-    assert {k for k, v in decayed.items() if not v} == {k for k in decayed if "norm" in k} and any(
-        "norm" in k for k in decayed
-    )
-    assert all(v for k, v in decayed.items() if "head" in k or "embedding" in k or "mlp']['up" in k)
+    # The model's parameter tree (abstract, nothing initialised), filled with nonzero values.
+    params = nnx.state(nnx.eval_shape(lambda: Llama(tiny_model_config(), rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: 1.0 + rng.random(x.shape, np.float32), params)
+    optim = base.get_config().optim  # no warmup, so step 0 runs at the peak learning rate
+    optim.update(learning_rate=0.1, end_learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
+    assert tuple(optim.no_decay) == ("norm",)  # the default
+    tx = mstate.make_optimizer(optim, total_steps=10)
+
+    @jax.jit
+    def step(params):
+        zeros = jax.tree.map(jax.numpy.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    def flat(state):
+        return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+    before, after = flat(params), flat(step(params))
+    assert set(before) == DECAYED | NOT_DECAYED
+    for name in sorted(DECAYED):
+        np.testing.assert_allclose(after[name], (1 - 0.1 * 0.5) * before[name], rtol=1e-6, err_msg=name)
+    for name in sorted(NOT_DECAYED):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)

@@ -1,4 +1,6 @@
-"""The tiny model config the tests share (override any field)."""
+"""The one tiny model config the tests share: a test that builds its own model starts here and
+overrides fields by keyword. (Trainer tests run the shipped configs/tiny.py through
+train_helpers.tiny_config instead: their golden values are pinned to it.)"""
 
 import ml_collections
 

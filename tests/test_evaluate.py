@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_helpers import tiny_model_config
 from train_helpers import tiny_config
 
 from mile import data as mdata
@@ -16,7 +17,7 @@ from mile import perplexity as P
 from mile import qa as mqa
 from mile import token_frequency as TF
 from mile import train as T
-from mile.model import Llama, ModelConfig
+from mile.model import Llama
 
 VOCAB = 320
 
@@ -33,18 +34,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    c = ModelConfig(
-        vocab_size=VOCAB,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        mlp_dim=64,
-        max_seq_len=64,
-        init_std=0.3,
-    )
-    return Llama(c, rngs=nnx.Rngs(0))
+    # The tests' tiny model on the tokenizer's vocabulary; init_std 0.3 spreads the scores.
+    return Llama(tiny_model_config(vocab_size=VOCAB, max_seq_len=64, init_std=0.3), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from flax import nnx
 from configs import paper, tiny
 from mile import flops
 from mile.model import Llama
+from model_helpers import tiny_model_config
 
 
 def _real_param_sizes(model_cfg) -> dict[str, int]:
@@ -39,12 +40,11 @@ def test_paper_sizes_are_what_the_paper_calls_them():
         assert abs(total / 1e9 - billions) / billions < 0.06, (size, total)
 
 
-def _xla_flops_per_token(cfg, batch=2) -> float:
+def _xla_flops_per_token(model_cfg, seq, batch=2) -> float:
     """XLA's FLOP count of one forward + backward of the model with a materialised head, divided
     by the tokens. Layers are unrolled (no scan), so cost_analysis sees every matmul."""
-    model = Llama(cfg.model, rngs=nnx.Rngs(0))
+    model = Llama(model_cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    seq = cfg.data.seq_len
 
     def loss(params, tokens):
         m = nnx.merge(graphdef, params)
@@ -59,25 +59,23 @@ def _xla_flops_per_token(cfg, batch=2) -> float:
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_flops_per_token_match_xla_count(remat):
-    # Wide enough that matmuls dominate XLA's count (it also counts norms, softmax, RoPE).
-    cfg = tiny.get_config()
-    cfg.model.update(
+    # The tests' tiny model made wide enough that matmuls dominate XLA's count (it also counts
+    # norms, softmax, RoPE): 2 unrolled layers, 4 heads, no grouped-query attention.
+    seq = 128
+    model_cfg = tiny_model_config(
         vocab_size=4096,
-        num_layers=2,
         embed_dim=512,
-        num_heads=4,
         num_kv_heads=4,
         head_dim=128,
         mlp_dim=1536,
-        max_seq_len=128,
+        max_seq_len=seq,
         remat=remat,
     )
-    cfg.data.seq_len = 128
-    expected = flops.hardware_flops_per_token(cfg.model, cfg.data.seq_len)
-    measured = _xla_flops_per_token(cfg)
+    expected = flops.hardware_flops_per_token(model_cfg, seq)
+    measured = _xla_flops_per_token(model_cfg, seq)
     assert measured == pytest.approx(expected, rel=0.01)
     if remat == "full":  # the recompute (~20% here) is counted by the hardware figure only
-        assert measured > 1.15 * flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+        assert measured > 1.15 * flops.model_flops_per_token(model_cfg, seq)
 
 
 def test_chip_table_lookup_by_device_kind():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import paper
 from mile import model as model_lib
 from mile.model import Llama, param_count
 from model_helpers import tiny_model_config
@@ -205,17 +206,7 @@ def test_param_count_formula(scan_layers):
 
 
 def test_param_count_of_paper_468m():
-    cfg = tiny_model_config(
-        vocab_size=32000,
-        num_layers=24,
-        embed_dim=1024,
-        num_heads=16,
-        num_kv_heads=16,
-        head_dim=64,
-        mlp_dim=4096,
-        max_seq_len=1024,
-        scan_layers=True,
-    )
+    cfg = paper.get_config("468m,ce").model  # the shipped config, not a copy of its numbers
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     counted = sum(x.size for x in jax.tree.leaves(params_of(abstract)))
     assert counted == param_count(cfg)

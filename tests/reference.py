@@ -3,6 +3,22 @@
 import numpy as np
 
 
+def random_inputs(seed, shape=(3, 11), vocab=37, scale=3.0, keep=0.7):
+    """(float32 logits, int32 labels, bool mask) with about `keep` of the positions counted; masked
+    positions hold the ignore label -100 (a loss must never read it)."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(shape + (vocab,)) * scale).astype(np.float32)
+    labels = rng.integers(0, vocab, shape).astype(np.int32)
+    mask = rng.random(shape) < keep
+    mask.flat[0] = True
+    return logits, np.where(mask, labels, -100), mask
+
+
+def loss_hparams(loss, gamma, sigma) -> dict:
+    """The hyperparameters `loss` takes, as keyword arguments."""
+    return {"ce": {}, "focal": {"gamma": gamma}, "mile": {"gamma": gamma, "sigma": sigma}}[loss]
+
+
 def reference_loss(logits, labels, mask, *, loss, gamma=1.0, sigma=1.0, normalization="global"):
     """Returns (loss, dloss/dlogits, aux) in float64, written straight from the paper's formulas."""
     z = np.asarray(logits, np.float64)

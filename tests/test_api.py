@@ -12,18 +12,9 @@ import pytest
 import mile
 from mile import fused as F
 from mile import losses as L
+from reference import loss_hparams, random_inputs
 
 RTOL = 1e-5
-
-
-def _inputs(seed, shape=(3, 11), vocab=37, scale=3.0, keep=0.7):
-    rng = np.random.default_rng(seed)
-    logits = (rng.standard_normal(shape + (vocab,)) * scale).astype(np.float32)
-    labels = rng.integers(0, vocab, shape).astype(np.int32)
-    mask = rng.random(shape) < keep
-    mask.flat[0] = True
-    labels = np.where(mask, labels, -100)  # masked positions may hold any label
-    return logits, labels, mask
 
 
 def _numpy_per_token(logits, labels, mask, *, loss, gamma, sigma, normalization):
@@ -62,10 +53,6 @@ def _formula(loss, norm, gamma, sigma):
     return {"loss": loss, "normalization": norm, "gamma": gamma, "sigma": sigma}
 
 
-def _hparams(loss, gamma, sigma):
-    return {"ce": {}, "focal": {"gamma": gamma}, "mile": {"gamma": gamma, "sigma": sigma}}[loss]
-
-
 CASES = [
     (loss, norm, gamma, sigma)
     for loss in ("ce", "focal", "mile")
@@ -78,8 +65,8 @@ CASES = [
 
 @pytest.mark.parametrize("loss,norm,gamma,sigma", CASES)
 def test_per_token_matches_float64_formula(loss, norm, gamma, sigma):
-    logits, labels, mask = _inputs(seed=len(CASES) + CASES.index((loss, norm, gamma, sigma)))
-    hp = _hparams(loss, gamma, sigma)
+    logits, labels, mask = random_inputs(seed=len(CASES) + CASES.index((loss, norm, gamma, sigma)))
+    hp = loss_hparams(loss, gamma, sigma)
     got = L.per_token(loss, logits, labels, mask, normalization=norm, **hp)
     want, _ = _numpy_per_token(logits, labels, mask, **_formula(loss, norm, gamma, sigma))
     assert set(got) == set(want)
@@ -90,8 +77,8 @@ def test_per_token_matches_float64_formula(loss, norm, gamma, sigma):
 
 @pytest.mark.parametrize("loss,norm,gamma,sigma", CASES)
 def test_per_token_sums_to_the_loss_with_its_gradient(loss, norm, gamma, sigma):
-    logits, labels, mask = _inputs(seed=CASES.index((loss, norm, gamma, sigma)))
-    spec = L.get_loss(loss, normalization=norm, **_hparams(loss, gamma, sigma))
+    logits, labels, mask = random_inputs(seed=CASES.index((loss, norm, gamma, sigma)))
+    spec = L.get_loss(loss, normalization=norm, **loss_hparams(loss, gamma, sigma))
 
     def from_per_token(z):
         t = L.per_token(spec, z, labels, mask)
@@ -120,7 +107,7 @@ def test_per_token_sums_to_the_loss_with_its_gradient(loss, norm, gamma, sigma):
 def test_per_token_with_a_custom_normaliser():
     """A trainer's own reduction (here: mean over sequences of each sequence's weighted mean)
     gets MiLe's weights as constants: its gradient is the CE gradient with the scale it chose."""
-    logits, labels, mask = _inputs(seed=7)
+    logits, labels, mask = random_inputs(seed=7)
 
     def per_sequence(z):
         t = L.per_token("mile", z, labels, mask, gamma=1.0, sigma=1.0)
@@ -139,7 +126,7 @@ def test_per_token_with_a_custom_normaliser():
 
 
 def test_per_token_masked_positions_and_stop_gradients():
-    logits, labels, mask = _inputs(seed=11)
+    logits, labels, mask = random_inputs(seed=11)
     t = L.per_token("mile", logits, labels, mask, normalization="paper")
     masked = ~mask
     for key in ("mask", "nll", "entropy", "weight", "numerator"):
@@ -157,7 +144,7 @@ def test_per_token_masked_positions_and_stop_gradients():
 
 
 def test_per_token_gamma_zero_is_ce_and_mask_none_counts_all():
-    logits, labels, _ = _inputs(seed=13, keep=1.0)
+    logits, labels, _ = random_inputs(seed=13, keep=1.0)
     ce = L.per_token("ce", logits, labels)
     for loss in ("focal", "mile"):
         t = L.per_token(loss, logits, labels, gamma=0.0)
@@ -167,7 +154,7 @@ def test_per_token_gamma_zero_is_ce_and_mask_none_counts_all():
 
 
 def test_per_token_and_resolve_loss_reject_bad_arguments():
-    logits, labels, mask = _inputs(seed=17)
+    logits, labels, mask = random_inputs(seed=17)
     spec = L.get_loss("mile", gamma=2.0)
     assert L.resolve_loss(spec) is spec
     assert L.resolve_loss("focal", gamma=0.5) == L.get_loss("focal", gamma=0.5)

@@ -11,24 +11,10 @@ import optax
 import pytest
 
 from mile import losses as L
-from reference import reference_loss
+from reference import loss_hparams, random_inputs, reference_loss
 
 LOSS_FNS = {"ce": L.cross_entropy_loss, "focal": L.focal_loss, "mile": L.mile_loss}
 RTOL = 1e-5
-
-
-def _inputs(seed, shape=(3, 11), vocab=37, scale=3.0, keep=0.7):
-    rng = np.random.default_rng(seed)
-    logits = (rng.standard_normal(shape + (vocab,)) * scale).astype(np.float32)
-    labels = rng.integers(0, vocab, shape).astype(np.int32)
-    mask = rng.random(shape) < keep
-    mask.flat[0] = True
-    labels = np.where(mask, labels, -100)  # masked positions may hold any label
-    return logits, labels, mask
-
-
-def _hparams(loss, gamma, sigma):
-    return {"ce": {}, "focal": {"gamma": gamma}, "mile": {"gamma": gamma, "sigma": sigma}}[loss]
 
 
 CASES = [
@@ -43,8 +29,8 @@ CASES = [
 @pytest.mark.parametrize("loss,norm,gamma,sigma", CASES)
 def test_value_gradient_and_aux_match_float64_reference(loss, norm, gamma, sigma):
     # A stable seed: Python salts str hashes per process, so hash() would not reproduce a failure.
-    logits, labels, mask = _inputs(seed=zlib.crc32(f"{loss}-{norm}-{gamma}-{sigma}".encode()))
-    hp = _hparams(loss, gamma, sigma)
+    logits, labels, mask = random_inputs(seed=zlib.crc32(f"{loss}-{norm}-{gamma}-{sigma}".encode()))
+    hp = loss_hparams(loss, gamma, sigma)
     fn = LOSS_FNS[loss]
 
     def value(z):
@@ -61,7 +47,7 @@ def test_value_gradient_and_aux_match_float64_reference(loss, norm, gamma, sigma
 
 
 def test_paper_mode_differs_from_global_when_masked():
-    logits, labels, mask = _inputs(seed=3)
+    logits, labels, mask = random_inputs(seed=3)
     g, _ = L.mile_loss(logits, labels, mask)
     p, _ = L.mile_loss(logits, labels, mask, normalization="paper")
     assert abs(float(g) - float(p)) > 1e-3  # masked positions enter the paper normaliser
@@ -70,7 +56,7 @@ def test_paper_mode_differs_from_global_when_masked():
 def test_paper_ce_is_the_mean_over_non_ignored_positions():
     """The reference code's CE baseline is torch's CrossEntropyLoss with ignore_index: the mean
     of -log p(label) over the positions not ignored (hand-written here in float64)."""
-    logits, labels, mask = _inputs(seed=4)
+    logits, labels, mask = random_inputs(seed=4)
     z = logits.astype(np.float64)
     log_p = z - z.max(-1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
@@ -94,7 +80,7 @@ def test_loss_spec_equality_includes_the_weight_rule():
     assert hash(L.get_loss("mile", gamma=0.5)) == hash(L.get_loss("mile", gamma=0.5))
     assert L.get_loss("mile", gamma=0.5) != L.get_loss("mile", gamma=1.0)
     # A jit cache keyed on the spec (a static argument) must not reuse the other rule's trace.
-    logits, labels, _ = _inputs(seed=5)
+    logits, labels, _ = random_inputs(seed=5)
     labels = np.abs(labels) % logits.shape[-1]
     weight_mean = jax.jit(lambda spec, z: L.apply_loss(spec, z, labels)[1]["weight_mean"], static_argnums=0)
     assert float(weight_mean(a, logits)) == 2.0 and float(weight_mean(b, logits)) == 3.0
@@ -105,7 +91,7 @@ def test_loss_spec_equality_includes_the_weight_rule():
 def test_gamma_zero_is_exactly_cross_entropy(loss, norm):
     """gamma = 0 makes focal and MiLe CE. In paper mode the reference's reweighted path still
     divides by every position, ignored ones included, so there it is CE x (kept / all positions)."""
-    logits, labels, mask = _inputs(seed=5)
+    logits, labels, mask = random_inputs(seed=5)
     fn = LOSS_FNS[loss]
     ce = jax.value_and_grad(lambda z: L.cross_entropy_loss(z, labels, mask, normalization=norm)[0])
     other = jax.value_and_grad(lambda z: fn(z, labels, mask, gamma=0.0, normalization=norm)[0])
@@ -120,7 +106,7 @@ def test_gamma_zero_is_exactly_cross_entropy(loss, norm):
 
 
 def test_cross_entropy_matches_optax_on_valid_positions():
-    logits, labels, mask = _inputs(seed=7)
+    logits, labels, mask = random_inputs(seed=7)
     got, _ = L.cross_entropy_loss(logits, labels, mask)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits[mask], labels[mask])
     np.testing.assert_allclose(got, per_token.mean(), rtol=RTOL)
@@ -130,7 +116,7 @@ def test_cross_entropy_matches_optax_on_valid_positions():
 
 
 def test_registry_selects_loss_with_hyperparameters():
-    logits, labels, mask = _inputs(seed=11)
+    logits, labels, mask = random_inputs(seed=11)
     spec = L.get_loss("mile", gamma=0.5, sigma=2.0)
     assert spec.name == "mile" and spec.hparams == {"gamma": 0.5, "sigma": 2.0}
     a, _ = L.apply_loss(spec, logits, labels, mask)
@@ -143,7 +129,7 @@ def test_registry_selects_loss_with_hyperparameters():
 @pytest.mark.parametrize("norm", ["global", "paper"])
 @pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
 def test_terms_accumulate_exactly_over_micro_batches(loss, norm):
-    logits, labels, mask = _inputs(seed=13, shape=(6, 5))
+    logits, labels, mask = random_inputs(seed=13, shape=(6, 5))
     spec = L.get_loss(loss, normalization=norm)
     whole, _ = L.apply_loss(spec, logits, labels, mask)
     terms = [L.loss_terms(spec, logits[i : i + 2], labels[i : i + 2], mask[i : i + 2]) for i in (0, 2, 4)]
@@ -159,7 +145,7 @@ def test_terms_accumulate_exactly_over_micro_batches(loss, norm):
 
 def test_sharded_batch_gives_the_same_loss_and_gradients():
     assert jax.device_count() == 8
-    logits, labels, mask = _inputs(seed=17, shape=(8, 6), vocab=40)
+    logits, labels, mask = random_inputs(seed=17, shape=(8, 6), vocab=40)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     for loss in ("ce", "focal", "mile"):
@@ -189,7 +175,7 @@ def test_extreme_logits_stay_finite(loss):
 @pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
 @pytest.mark.parametrize("norm", ["global", "paper"])
 def test_all_masked_batch_is_zero_with_finite_gradients(loss, norm):
-    logits, labels, _ = _inputs(seed=19)
+    logits, labels, _ = random_inputs(seed=19)
     mask = np.zeros(labels.shape, bool)
     (v, aux), g = jax.value_and_grad(
         lambda z: LOSS_FNS[loss](z, labels, mask, normalization=norm), has_aux=True
@@ -200,7 +186,7 @@ def test_all_masked_batch_is_zero_with_finite_gradients(loss, norm):
 
 
 def test_bf16_logits_compute_in_float32():
-    logits, labels, mask = _inputs(seed=23)
+    logits, labels, mask = random_inputs(seed=23)
     bf = jnp.asarray(logits, jnp.bfloat16)
     got, _ = L.mile_loss(bf, labels, mask)
     want, _, _ = reference_loss(np.asarray(bf.astype(jnp.float32)), labels, mask, loss="mile")
@@ -228,13 +214,13 @@ def test_bf16_logits_compute_in_float32():
     ],
 )
 def test_bad_input_raises_clear_value_error(call, match):
-    logits, labels, mask = _inputs(seed=29)
+    logits, labels, mask = random_inputs(seed=29)
     with pytest.raises(ValueError, match=match):
         call(logits, labels, mask)
 
 
 def test_bad_input_fails_at_trace_time_under_jit():
-    logits, labels, _ = _inputs(seed=31)
+    logits, labels, _ = random_inputs(seed=31)
     with pytest.raises(ValueError, match="labels shape"):
         jax.jit(lambda z, y: L.mile_loss(z, y)[0])(logits, labels[:, 1:])
 

@@ -67,6 +67,12 @@ def _committed_steps(workdir):
     return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
 
 
+def _launch_job(root, workdir, log_name):
+    """launch.py as 2 processes on `workdir`, logging to root/log_name, sharing one compile cache."""
+    (root / log_name).mkdir()
+    return Job(_launch_argv(root, workdir), num_processes=2, log_dir=root / log_name, compile_cache=root / "jit")
+
+
 @pytest.fixture(scope="module")
 def runs(root):
     """The runs the tests compare, made once:
@@ -77,20 +83,11 @@ def runs(root):
     out = {name: root / name for name in ("one", "two", "killed", "other")}
     T.train(_config(root, **{"data.shards": 2}), str(out["one"]))
 
-    (root / "log_two").mkdir()
-    two = Job(
-        _launch_argv(root, out["two"]), num_processes=2, log_dir=root / "log_two", compile_cache=root / "jit"
-    )
+    two = _launch_job(root, out["two"], "log_two")
     assert two.wait(JOB_TIMEOUT_S) == [0, 0], two.output()
     out["two_job"] = two
 
-    (root / "log_kill").mkdir()
-    job = Job(
-        _launch_argv(root, out["killed"]),
-        num_processes=2,
-        log_dir=root / "log_kill",
-        compile_cache=root / "jit",
-    )
+    job = _launch_job(root, out["killed"], "log_kill")
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
         while not _committed_steps(out["killed"]):
@@ -104,13 +101,7 @@ def runs(root):
     assert out["killed_at"] < STEPS
     shutil.copytree(out["killed"], out["other"])
 
-    (root / "log_restart").mkdir()
-    restart = Job(
-        _launch_argv(root, out["killed"]),
-        num_processes=2,
-        log_dir=root / "log_restart",
-        compile_cache=root / "jit",
-    )
+    restart = _launch_job(root, out["killed"], "log_restart")
     assert restart.wait(JOB_TIMEOUT_S) == [0, 0], restart.output()
     return out
 

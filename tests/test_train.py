@@ -15,31 +15,16 @@ from flax import nnx
 
 from mile import sharding as msharding
 from mile import state as mstate
-from mile import step as mstep
 from mile import train as T
 from mile.checkpoint import Checkpointer
-from mile.losses import loss_from_config
 from mile.model import param_count
-from train_helpers import REPO, tiny_config
+from train_helpers import REPO, jit_step, tiny_config
 
 
 def _step_setup(cfg, mesh):
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, state, _ = mstate.build_state(cfg, mesh, rules)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(
-        mstep.make_train_step(
-            graphdef,
-            loss_from_config(cfg.loss),
-            mesh=mesh,
-            chunk_size=None,
-            num_microbatches=cfg.optim.num_microbatches,
-            schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
-        ),
-        in_shardings=(shardings, msharding.batch_sharding(mesh)),
-        out_shardings=(shardings, None),
-    )
-    return graphdef, state, step
+    return graphdef, state, jit_step(cfg, graphdef, state, mesh)
 
 
 def _batch(cfg, seed=0):

@@ -15,12 +15,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mile import sharding as msharding
 from mile import state as mstate
-from mile import step as mstep
 from mile import train as T
 from mile.fused import fused_loss
-from mile.losses import loss_from_config
 from reference import reference_loss
-from train_helpers import tiny_config
+from train_helpers import jit_step, tiny_config
 
 HPARAMS = {"ce": {}, "focal": {"gamma": 0.7}, "mile": {"gamma": 1.3, "sigma": 0.8}}
 
@@ -143,20 +141,8 @@ def test_all_gather_check_sees_a_gathered_unembedding():
 
 
 def _compiled_train_step(cfg, graphdef, state, mesh, batch, vocab_axis):
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(
-        mstep.make_train_step(
-            graphdef,
-            loss_from_config(cfg.loss),
-            mesh=mesh,
-            chunk_size=None,
-            num_microbatches=1,
-            schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
-            vocab_axis=vocab_axis,
-        ),
-        in_shardings=(shardings, msharding.batch_sharding(mesh)),
-        out_shardings=(shardings, None),
-    )
+    assert cfg.optim.num_microbatches == 1
+    step = jit_step(cfg, graphdef, state, mesh, vocab_axis=vocab_axis)
     with jax.set_mesh(mesh):
         return step.lower(state, batch).compile()
 

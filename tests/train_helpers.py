@@ -49,3 +49,26 @@ def tiny_config(tmp_path, **overrides):
         else:
             cfg[key] = value
     return cfg
+
+
+def jit_step(cfg, graphdef, state, mesh, *, vocab_axis=None):
+    """The train step of `cfg` jitted with `state`'s shardings, without donation (tests reuse the
+    state) and with an explicit `vocab_axis` (tests switch vocabulary parallelism on and off)."""
+    import jax
+
+    from mile import sharding as msharding
+    from mile import state as mstate
+    from mile import step as mstep
+    from mile.losses import loss_from_config
+
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = mstep.make_train_step(
+        graphdef,
+        loss_from_config(cfg.loss),
+        mesh=mesh,
+        chunk_size=None,
+        num_microbatches=cfg.optim.num_microbatches,
+        schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
+        vocab_axis=vocab_axis,
+    )
+    return jax.jit(step, in_shardings=(shardings, msharding.batch_sharding(mesh)), out_shardings=(shardings, None))

@@ -137,8 +137,8 @@ def make_train_step(
         den = terms["denominator"]
         grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
         grad_norm = optax.tree.norm(grads)
-        learning_rate = schedule(optimizer.step[...])  # before the update moves the step on
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        learning_rate = schedule(optimizer.step[...])  # before the update moves the step on
         new_state, finite = update_if_finite(model, optimizer, grads, finite)
         return new_state, _step_metrics(loss, aux, grad_norm, learning_rate, finite)
 

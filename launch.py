@@ -98,7 +98,8 @@ def _parse_flags(argv):
         _config_file_error(e)
     except (flags.Error, ValueError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        _fail(lines[-1] if lines else repr(e))
+        # A config file's get_config(arg) that rejects its argument reaches us as "ValueError: ...".
+        _fail(re.sub(r"^ValueError: ", "", lines[-1]) if lines else repr(e))
 
 
 def run():

@@ -80,15 +80,27 @@ def _is_abandoned_read_noise(unraisable) -> bool:
     return getattr(getattr(obj, "cr_code", None), "co_name", "") == "_read_array_index_and_device_put"
 
 
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" for an abandoned tensorstore read."""
+
+    _UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith(self._UNRETRIEVED) and "tensorstore_spec" in str(exc))
+
+
 def _quiet_abandoned_reads() -> None:
     """When a restore fails, orbax gives up on its other array reads: tensorstore still finishes
     them and their callbacks raise "Event loop is closed", and their coroutines are collected with
-    their own read errors unretrieved. Both reach sys.unraisablehook, which would print dozens of
-    tracebacks around our one-line message. Drop exactly those two kinds; every other unraisable
-    exception still goes to the previous hook. Installed once, before any read."""
+    their own read errors unretrieved. Both reach sys.unraisablehook, and a collected future with
+    such an error reaches asyncio's logger; either would print tracebacks around our one-line
+    message. Drop exactly those kinds; every other unraisable exception still goes to the previous
+    hook, and every other asyncio record is logged. Installed once, before any read."""
     previous = sys.unraisablehook
     if getattr(previous, "_mile_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
     def hook(unraisable):
         if not _is_abandoned_read_noise(unraisable):

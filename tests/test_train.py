@@ -405,6 +405,10 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
             f"--config={syntax_error}",
             f"error: config file {syntax_error} has a syntax error at line 1: invalid syntax; fix the file",
         ),
+        (
+            f"--config={REPO}/configs/paper.py:size=468m,loss=mse",
+            "error: configs/paper.py:'size=468m,loss=mse': expected '<size>,<loss>'",
+        ),
     ):
         bad = _launch(tmp_path, f"--workdir={wd}", flag, *common)
         assert bad.returncode == 2, bad.stderr

@@ -294,7 +294,9 @@ def restore_latest_verified(directory, abstract_state) -> Restored | None:
                 state, data_state = ck.restore(step, abstract_state)
                 return Restored(step, state, data_state, rejected)
             except CorruptCheckpointError as e:
-                rejected.append(e)
+                # A fresh error: the caught one's traceback would keep the rejected step's
+                # restored arrays alive (on device) while older steps are tried.
+                rejected.append(CorruptCheckpointError(ck.directory, e.step, e.problem, str(e)))
     if not rejected:
         return None
     problems = "; ".join(f"step {e.step} {e.problem}" for e in rejected)
@@ -347,7 +349,7 @@ ADDED_FIELDS = {
     "data.shards": 0,  # one data stream per process, as before streams existed
 }
 # Model fields that change how the step computes, never the parameters: free to change on resume.
-_SAME_PARAMETERS = ("model.attention",)
+_SAME_PARAMETERS = ("model.attention", "model.remat", "model.dtype")
 
 
 def config_mismatch(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -19,6 +18,7 @@ from mile import sharding as msharding
 from mile.checkpoint import (
     Checkpointer,
     CorruptCheckpointError,
+    Restored,
     checkpoint_dir,
     restore_latest_verified,
     set_aside,
@@ -40,13 +40,7 @@ def existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
         return (steps[-1] if steps else None), None
 
 
-class Resumed(NamedTuple):
-    step: int  # 0 when there was nothing to resume
-    state: Any  # None when there was nothing to resume
-    data_state: dict | None
-
-
-def resume(ckpt_dir: str, abstract, primary: bool) -> Resumed:
+def resume(ckpt_dir: str, abstract, primary: bool) -> Restored | None:
     """The newest checkpoint that verifies, read into `abstract`'s shapes and shardings.
 
     Newer steps that fail their integrity check are moved to <workdir>/corrupt_checkpoints/ (never
@@ -55,7 +49,7 @@ def resume(ckpt_dir: str, abstract, primary: bool) -> Resumed:
     """
     restored = restore_latest_verified(ckpt_dir, abstract)
     if restored is None:
-        return Resumed(0, None, None)
+        return None
     for bad in restored.rejected if primary else ():
         moved = set_aside(ckpt_dir, bad.step)
         print(
@@ -66,7 +60,7 @@ def resume(ckpt_dir: str, abstract, primary: bool) -> Resumed:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("mile_set_aside_corrupt_checkpoints")
-    return Resumed(restored.step, restored.state, restored.data_state)
+    return restored
 
 
 def _choose_step(checkpointer: Checkpointer, workdir: str, step: int | None) -> tuple[int, str]:

@@ -27,7 +27,7 @@ from mile import sharding as msharding
 from mile.checkpoint import Checkpointer, checkpoint_dir, config_mismatch
 from mile.metrics import MetricsWriter, ProgressBar
 from mile.restore import existing_checkpoint, resume
-from mile.state import OptimConfig, build_state
+from mile.state import OptimConfig, build_state, state_builder
 from mile.step import LOSS_HEADS, jit_eval_step, jit_train_step
 
 
@@ -54,7 +54,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if f.type == "int":
+            if f.type in (int, "int"):  # a string while annotations are postponed
                 why = " (0 would delete every checkpoint)" if f.name == "keep_checkpoints" else ""
                 fields.whole_number(f"train.{f.name}", getattr(self, f.name), why=why)
         fields.one_of("train.distributed", self.distributed, ("auto", "yes", "no"))
@@ -195,23 +195,26 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     latest = _check_compatible(workdir, ckpt_dir, json.loads(cfg.to_json()))
     prepared = _prepare_data(cfg)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
-    graphdef, state, build = build_state(cfg, mesh, rules)
-    step, data_state = 0, None
+    resumed = None
     if latest is not None:
-        _, abstract = msharding.abstract_sharded(build, mesh, rules)
-        step, restored, data_state = resume(ckpt_dir, abstract, jax.process_index() == 0)
-        state = restored if restored is not None else state
-    return Run(cfg, workdir, mesh, spec, prepared, graphdef, state, step, data_state)
+        # Read straight into the abstract state: initialising one first would hold two copies.
+        graphdef, abstract = msharding.abstract_sharded(state_builder(cfg), mesh, rules)
+        resumed = resume(ckpt_dir, abstract, jax.process_index() == 0)
+    if resumed is None:
+        graphdef, state, _ = build_state(cfg, mesh, rules)
+        return Run(cfg, workdir, mesh, spec, prepared, graphdef, state, 0, None)
+    return Run(cfg, workdir, mesh, spec, prepared, graphdef, resumed.state, resumed.step, resumed.data_state)
 
 
 def stream_batches(cfg, prepared, batch_shard, num_streams: int, *, eval_batches: int | None = None):
     """Global train batches (or, with eval_batches, a fresh validation pass) from the data streams."""
 
     def open_stream(s):
-        common = dict(process_index=s, process_count=num_streams)
         if eval_batches is None:
-            return mdata.train_iterator(cfg.data, prepared, **common)
-        return mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches, **common)
+            return mdata.train_iterator(cfg.data, prepared, process_index=s, process_count=num_streams)
+        return mdata.eval_iterator(
+            cfg.data, prepared, num_batches=eval_batches, process_index=s, process_count=num_streams
+        )
 
     return multihost.StreamBatches(
         open_stream,

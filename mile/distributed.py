@@ -46,14 +46,21 @@ def initialize(
     ValueError for an incomplete or inconsistent process description."""
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"train.distributed={mode!r} must be 'auto', 'yes' or 'no'")
+    flags_given = bool(coordinator_address) or num_processes is not None or process_id is not None
     if mode == "no":
+        if flags_given:
+            raise ValueError(
+                "train.distributed='no' but process flags were given; drop --coordinator_address, "
+                "--num_processes and --process_id, or set --config.train.distributed=auto"
+            )
         return
     import jax
 
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    if count is not None or index is not None:
+    # A --coordinator_address alone is a half-described run too: never start it as one process.
+    if count is not None or index is not None or coordinator_address:
         if count is None or index is None or not address:
             missing = [
                 name

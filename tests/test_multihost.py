@@ -103,6 +103,8 @@ def test_shards_must_divide_the_batch(tmp_path):
         ({}, {"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"}, "must be in \\[0, "),
         ({"JAX_NUM_PROCESSES": "two"}, {}, "JAX_NUM_PROCESSES='two' is not an integer"),
         ({}, {"mode": "maybe"}, "must be 'auto', 'yes' or 'no'"),
+        ({}, {"coordinator_address": "h:1"}, "missing --num_processes, --process_id$"),
+        ({}, {"mode": "no", "num_processes": 2}, "train.distributed='no' but process flags were given"),
     ],
 )
 def test_incomplete_process_descriptions_are_refused(monkeypatch, env, kwargs, match):

@@ -325,10 +325,11 @@ def find_microbatches(cfg, tpu: Slice, log=print) -> tuple[dict, list[dict]]:
     the count found, or of the largest count tried when none fits.
     """
     from mile import sharding as msharding
+    from mile import train
 
     devices = topology_devices(tpu)
     mesh = msharding.make_mesh(cfg.mesh, devices=devices)
-    candidates = microbatch_candidates(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+    candidates = microbatch_candidates(cfg, train.data_parallel_size(mesh))
     attempts, reports = [], {}
 
     def fits(i: int) -> bool:
@@ -344,16 +345,18 @@ def find_microbatches(cfg, tpu: Slice, log=print) -> tuple[dict, list[dict]]:
         log(f"  {candidates[i]:4d} micro-batches: {shown}, {verdict} ({report['compile_s']:.1f} s)")
         return report["fits"]
 
-    if fits(0):
-        return reports[0], attempts
-    bad, good = 0, len(candidates)  # candidates[bad] does not fit; candidates[good] fits (or is past the end)
-    while good - bad > 1:
-        mid = (bad + good) // 2
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return reports[good if good < len(candidates) else bad], attempts
+    found = 0
+    if not fits(0):
+        bad, good = 0, len(candidates)  # candidates[bad] does not fit; candidates[good] fits (or is past the end)
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
+        found = good if good < len(candidates) else bad
+    cfg.optim.num_microbatches = candidates[found]  # the count reported, not the last one tried
+    return reports[found], attempts
 
 
 # ---------------------------------------------------------------------------------------------

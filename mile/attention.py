@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mile.sharding import BATCH_AXES
+
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
-BATCH_AXES = ("data", "fsdp")  # as mile.sharding.BATCH_AXES; heads go over "tensor"
-HEAD_AXIS = "tensor"
+HEAD_AXIS = "tensor"  # attention heads are split over this mesh axis; rows over BATCH_AXES
 
 
 def xla_attention(q, k, v, mask=None):

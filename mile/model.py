@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mile.attention import IMPLEMENTATIONS, causal_attention, xla_attention
+from mile.flops import param_counts
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -81,13 +82,8 @@ class ModelConfig:
 
 
 def param_count(cfg) -> int:
-    """Closed-form number of parameters (untied embedding and head, no biases)."""
-    c = ModelConfig.from_cfg(cfg)
-    attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, o, k, v
-    mlp = 3 * c.embed_dim * c.mlp_dim  # gate, up, down
-    norms = 2 * c.embed_dim
-    embed_and_head = 2 * c.vocab_size * c.embed_dim
-    return embed_and_head + c.num_layers * (attention + mlp + norms) + c.embed_dim  # + final norm
+    """Closed-form number of parameters (untied embedding and head, no biases; mile.flops by part)."""
+    return param_counts(ModelConfig.from_cfg(cfg))["total"]
 
 
 def _normal_param(rngs: nnx.Rngs, shape, names, c: ModelConfig) -> nnx.Param:

@@ -93,7 +93,8 @@ class StreamBatches:
                 parts[s][max(start, s * per) - s * per : min(stop, (s + 1) * per) - s * per]
                 for s in range(start // per, (stop - 1) // per + 1)
             ]
-            return np.concatenate(pieces)[(slice(None), *index[1:])]
+            block = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # usually one stream
+            return block[(slice(None), *index[1:])]
 
         return jax.make_array_from_callback((self._rows, *sample.shape[1:]), self._sharding, rows)
 

@@ -26,7 +26,7 @@ import numpy as np
 from mile import multiple_choice as mc
 from mile import qa
 from mile.jsonl import write_json
-from mile.perplexity import bucket_perplexities, format_perplexity_table, heldout_batches, make_stats_fn
+from mile.perplexity import bucket_perplexities, format_perplexity_table, make_stats_fn
 from mile.token_frequency import BUCKET_NAMES, assign_buckets, check_cut_points, token_counts
 
 
@@ -60,7 +60,9 @@ def _perplexity(model, cfg, prepared, cut_points, eval_batches, stats_fn) -> tup
     """(bucket map per mode, perplexity per mode and bucket) over the held-out split."""
     counts = token_counts(prepared)
     maps = {mode: assign_buckets(counts, cut_points, mode) for mode in ("cumulative", "rank")}
-    batches = heldout_batches(cfg, prepared, eval_batches)
+    from mile import data as mdata
+
+    batches = mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches)
     return maps, bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
 
 

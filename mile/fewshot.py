@@ -23,11 +23,10 @@ def draw_shots(
         raise ValueError(f"k_shot={k} is negative; pass 0 or more (--k-shot)")
     if k == 0:
         return []
-    candidates = list(pool) if pool is not None else [e for i, e in enumerate(examples) if i != index]
-    if len(candidates) < k:
+    # Candidate j is pool[j], or the j-th of the other examples: no per-example copy of the task.
+    n = len(pool) if pool is not None else len(examples) - 1
+    if n < k:
         source = "the shot pool" if pool is not None else "the task's other examples"
-        raise ValueError(
-            f"k_shot={k} needs at least {k} shot examples, {source} has {len(candidates)}; lower --k-shot."
-        )
-    rng = np.random.default_rng([seed, index])
-    return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
+        raise ValueError(f"k_shot={k} needs at least {k} shot examples, {source} has {n}; lower --k-shot.")
+    picks = np.random.default_rng([seed, index]).choice(n, size=k, replace=False)
+    return [pool[j] if pool is not None else examples[j + (j >= index)] for j in picks]

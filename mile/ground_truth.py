@@ -27,7 +27,7 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,6 @@ from flax import nnx
 
 from mile.data.synthetic import KINDS, Language, load_language
 from mile.jsonl import write_json
-from mile.perplexity import heldout_batches
 from mile.token_frequency import assign_buckets, token_counts
 
 FREQUENCY_BUCKETS = ("easy", "medium", "difficult")
@@ -143,13 +142,17 @@ def evaluate_workdir(
     step: int | None = None,
     eval_batches: int | None = None,
     cut_points: Sequence[float] = (0.8, 0.95),
+    check_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Restores a synthetic-language run and evaluates it on the whole held-out split (or
-    ``eval_batches`` batches)."""
+    ``eval_batches`` batches). ``check_step(step)`` runs right after the restore, before the slow
+    part (the CLI refuses an existing output file there)."""
     from mile import data as mdata
     from mile.restore import load_trained_model
 
     model, cfg, step = load_trained_model(workdir, step=step)
+    if check_step is not None:
+        check_step(step)
     if cfg.data.source != "synthetic":
         raise ValueError(
             f"{workdir} was trained on data.source={cfg.data.source!r}; ground truth exists only for 'synthetic'."
@@ -158,7 +161,7 @@ def evaluate_workdir(
     language, _ = load_language(prepared.tokenizer_path)
     counts = token_counts(prepared)
     buckets = assign_buckets(counts, cut_points)
-    batches = heldout_batches(cfg, prepared, eval_batches)
+    batches = mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches)
     stats = ground_truth_stats(make_truth_stats_fn(model, language), batches, buckets, language.kind)
     return {
         "workdir": os.path.abspath(workdir),
@@ -180,12 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not os.path.isdir(args.workdir):
             raise ValueError(f"workdir {args.workdir} does not exist; pass a trained --workdir.")
-        if args.out and os.path.exists(args.out) and not args.overwrite:  # fail before the slow part
-            raise ValueError(f"{args.out} exists; pass --overwrite or choose another --out.")
-        result = evaluate_workdir(args.workdir, step=args.step, eval_batches=args.eval_batches)
-        out = args.out or os.path.join(args.workdir, "eval", f"ground_truth_{result['step']}.json")
-        if os.path.exists(out) and not args.overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite or choose another --out.")
+        def out_path(step: int) -> str:
+            out = args.out or os.path.join(args.workdir, "eval", f"ground_truth_{step}.json")
+            if os.path.exists(out) and not args.overwrite:
+                raise ValueError(f"{out} exists; pass --overwrite or choose another --out.")
+            return out
+
+        result = evaluate_workdir(
+            args.workdir, step=args.step, eval_batches=args.eval_batches, check_step=out_path
+        )
+        out = out_path(result["step"])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,14 +34,6 @@ def make_stats_fn(model, *, chunk_size: int | None = None):
     return run
 
 
-def heldout_batches(cfg, prepared, num_batches: int | None):
-    """A run's held-out split in its own sequence length and global batch size: one full pass,
-    or the first ``num_batches`` batches (what the offline evaluators read)."""
-    from mile import data as mdata  # deferred: it imports tensorflow_datasets, which is slow
-
-    return mdata.eval_iterator(cfg.data, prepared, num_batches=num_batches)
-
-
 def _summarise(tokens: float, nll: float, entropy: float) -> dict[str, Any]:
     if tokens == 0:
         return {"tokens": 0, "ce": None, "perplexity": None, "entropy": None}

@@ -53,11 +53,11 @@ def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
     return pathlib.Path(prepared.tokenizer_path).parent / f"token_counts-{digest}.npy"
 
 
-def token_counts(prepared, *, batch_docs: int = 1024, cache: bool = True) -> np.ndarray:
+def token_counts(prepared, *, batch_docs: int = 1024) -> np.ndarray:
     """int64[tokenizer vocab] occurrences of each type in the training split (docs + EOS each)."""
     source = prepared.open("train")
     path = counts_cache_path(prepared, len(source))
-    if cache and path.is_file():
+    if path.is_file():
         return np.load(path)
     tokenizer = prepared.tokenizer
     vocab = tokenizer.vocab_size
@@ -68,9 +68,8 @@ def token_counts(prepared, *, batch_docs: int = 1024, cache: bool = True) -> np.
         flat = np.concatenate([np.asarray(doc, np.int64) for doc in ids] + [np.zeros(0, np.int64)])
         counts += np.bincount(flat, minlength=vocab)[:vocab]
     counts[tokenizer.eos_id] += len(source)  # the separator after every document
-    if cache:
-        with atomic.replacing(path) as tmp:  # a present cache file is always complete
-            np.save(tmp, counts)
+    with atomic.replacing(path) as tmp:  # a present cache file is always complete
+        np.save(tmp, counts)
     return counts
 
 

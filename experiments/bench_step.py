@@ -3,8 +3,8 @@
 The reference stack is what the paper's code runs: Hugging Face `LlamaForCausalLM` (eager, sdpa
 attention) with materialised logits, the reference MiLe loss (softmax, clamped entropy,
 `(sigma + H)^gamma` weights normalised by their mean) or plain CE, and `torch.optim.AdamW` with
-global-norm clipping. mile runs `mile.step.make_train_step` (fused LM head, exact normaliser,
-non-finite skip) under `jax.jit` with donation, exactly as training does.
+global-norm clipping. mile runs `mile.step.jit_train_step` (fused LM head, exact normaliser,
+non-finite skip, jitted with donation), the function the training loop runs.
 
 Each (stack, loss) is measured in its own process, so neither stack's threads or caches disturb
 the other, and the variants are interleaved over rounds so drift in the machine's load hits all

@@ -114,3 +114,9 @@ def test_attention_choice_does_not_block_resume():
         is None
     )
     assert "num_layers" in config_mismatch(saved, {"model": {"num_layers": 3, "attention": "xla"}})
+    # Nor do rematerialisation and the compute dtype (parameters are stored in param_dtype).
+    steps = {"model": {"num_layers": 2, "remat": "none", "dtype": "float32", "param_dtype": "float32"}}
+    changed = {"model": {"num_layers": 2, "remat": "full", "dtype": "bfloat16", "param_dtype": "float32"}}
+    assert config_mismatch(steps, changed) is None
+    changed["model"]["param_dtype"] = "bfloat16"
+    assert config_mismatch(steps, changed) == "model.param_dtype: checkpoint has 'float32', config has 'bfloat16'"

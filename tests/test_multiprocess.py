@@ -157,6 +157,13 @@ def test_sigkill_of_both_processes_then_restart_is_bit_identical(runs):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert data_a == data_b
     assert _last_per_step(runs["killed"], "train/loss") == _last_per_step(runs["two"], "train/loss")
+    # The resume cut metrics.jsonl back to the checkpoint: every step is written once, in order.
+    assert _logged_steps(runs["killed"], "train/loss") == _logged_steps(runs["two"], "train/loss")
+
+
+def _logged_steps(workdir, key):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if key in r]
 
 
 def test_one_process_resumes_a_two_process_checkpoint(runs):

@@ -66,9 +66,10 @@ def jit_step(cfg, graphdef, state, mesh, *, vocab_axis=None):
         graphdef,
         loss_from_config(cfg.loss),
         mesh=mesh,
-        chunk_size=None,
+        chunk_size=cfg.loss.chunk_size or None,
         num_microbatches=cfg.optim.num_microbatches,
         schedule=mstate.learning_rate_schedule(cfg.optim, cfg.train.steps),
+        head=cfg.loss.head,
         vocab_axis=vocab_axis,
     )
     return jax.jit(step, in_shardings=(shardings, msharding.batch_sharding(mesh)), out_shardings=(shardings, None))

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # The loss (mile.losses.get_loss); hyperparameters a loss does not take are ignored.
+    # The loss (mile.losses.get_loss). A hyperparameter the loss does not take must keep its default.
     c.loss = ml_collections.ConfigDict(
         dict(
             name="mile",  # "ce" | "focal" | "mile"

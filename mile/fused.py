@@ -84,10 +84,8 @@ def _tile_statistics(spec: L.LossSpec, paper: bool, vocab_axis, h, w_mat, labels
     # log p of the local logits: s - log_p_offset (the global max and normaliser folded in).
     log_p_offset = log_norm - shift
     clamped = None
-    if paper:
-        floor = np.float32(np.log(L.PAPER_PROB_FLOOR))
-        log_p = s - log_p_offset[:, None]
-        clamped = -jnp.sum(jnp.exp(log_p) * jnp.maximum(log_p, floor), axis=-1)
+    if paper:  # a second sweep: which entries fall below the floor depends on the global normaliser
+        clamped = L.paper_clamped_entropy(s - log_p_offset[:, None])
         if vocab_axis is not None:  # needs the global normaliser first: a second psum
             clamped = lax.psum(clamped, vocab_axis)
     weight, norm_weight = L.weights_from_statistics(spec, nll, entropy, mask, clamped)
@@ -261,7 +259,7 @@ def _local_terms(spec, hidden, unembedding, labels, mask, chunk_size, vocab_axis
     hidden_tiles, label_tiles, mask_tiles = _tiles(
         hidden, L.safe_labels(labels, mask), mask, unembedding.shape[1], chunk_size
     )
-    paper = spec.normalization == "paper"
+    paper = spec.paper_reweighted  # only the reference's reweighted losses need the clamped entropy
     numerator, stats = _fused_numerator(
         spec, paper, vocab_axis, hidden_tiles, unembedding, label_tiles, mask_tiles
     )

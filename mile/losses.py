@@ -30,7 +30,7 @@ Public API (`__all__`):
                 and shards, divide once
   parts         token_statistics, weights_from_statistics, reduce_terms, ce_weights,
                 focal_weights, mile_weights, safe_labels, check_float, check_labels,
-                prepare_mask, PAPER_PROB_FLOOR: the building blocks `mile.fused` (or your
+                prepare_mask, paper_clamped_entropy, PAPER_PROB_FLOOR: the building blocks `mile.fused` (or your
                 own LM head) reuses
 """
 
@@ -74,6 +74,7 @@ __all__ = [
     "check_float",
     "check_labels",
     "prepare_mask",
+    "paper_clamped_entropy",
     "PAPER_PROB_FLOOR",
 ]
 
@@ -138,6 +139,12 @@ class LossSpec:
     normalization: str = "global"
     hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
     paper_all_positions: bool = True
+
+    @property
+    def paper_reweighted(self) -> bool:
+        """Whether the reference code's reweighted-loss rules apply: "paper" normalisation over
+        all positions, with weights from the clamped entropy (not its plain CE baseline)."""
+        return self.normalization == "paper" and self.paper_all_positions
 
     def _key(self):
         return (
@@ -242,9 +249,18 @@ def token_statistics(
     log_p_sg = jax.lax.stop_gradient(log_p)
     stats["entropy"] = jnp.maximum(-jnp.sum(p * log_p_sg, axis=-1), 0.0)
     if clamped_entropy:
-        floor = np.float32(np.log(PAPER_PROB_FLOOR))
-        stats["clamped_entropy"] = -jnp.sum(p * jnp.maximum(log_p_sg, floor), axis=-1)
+        stats["clamped_entropy"] = paper_clamped_entropy(log_p_sg)
     return stats
+
+
+def paper_clamped_entropy(log_p: jax.Array) -> jax.Array:
+    """The reference code's entropy, -sum p~ log p~ with p~ = clip(p, 1e-8, 1), from log p [..., V].
+
+    Both factors are clamped: an entry below the floor adds 1e-8 * ln(1e8), not p * ln(1e8).
+    Since exp is monotone, log p~ = max(log p, log 1e-8) and p~ = exp(log p~): one elementwise
+    clamp, no count of the entries below the floor."""
+    clamped_log_p = jnp.maximum(log_p, np.float32(np.log(PAPER_PROB_FLOOR)))
+    return -jnp.sum(jnp.exp(clamped_log_p) * clamped_log_p, axis=-1)
 
 
 def weights_from_statistics(
@@ -263,7 +279,7 @@ def weights_from_statistics(
     """
     nll = jax.lax.stop_gradient(nll)
     entropy = jax.lax.stop_gradient(entropy)
-    if spec.normalization == "paper" and spec.paper_all_positions:
+    if spec.paper_reweighted:
         nll = jnp.where(mask > 0, nll, 0.0)
         if clamped_entropy is not None:
             entropy = jax.lax.stop_gradient(clamped_entropy)
@@ -393,8 +409,7 @@ def _token_values(spec: LossSpec, logits, labels, mask):
     logits = check_float("logits", logits)
     labels = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]")
     mask = prepare_mask(mask, labels)
-    paper = spec.normalization == "paper"
-    stats = token_statistics(logits, safe_labels(labels, mask), clamped_entropy=paper)
+    stats = token_statistics(logits, safe_labels(labels, mask), clamped_entropy=spec.paper_reweighted)
     weight, norm_weight = weights_from_statistics(
         spec, stats["nll"], stats["entropy"], mask, stats.get("clamped_entropy")
     )
@@ -473,11 +488,36 @@ def mile_loss(
     return apply_loss(spec, logits, labels, mask)
 
 
+def _hparam_defaults() -> dict[str, dict[str, Any]]:
+    """{hyperparameter: {loss name: its default}} over every registered loss."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, factory in _REGISTRY.items():
+        for key, param in inspect.signature(factory).parameters.items():
+            out.setdefault(key, {})[name] = param.default
+    return out
+
+
 def loss_from_config(loss_cfg: Mapping[str, Any]) -> LossSpec:
-    """The LossSpec a config's loss section names; passes each loss only the hyperparameters it
-    takes (a config carries gamma and sigma for every loss), so callers never branch on the name."""
+    """The LossSpec a config's loss section names, so callers never branch on the name.
+
+    A config carries gamma and sigma for every loss: each loss gets the hyperparameters it takes.
+    One it does not take must keep its default, so `loss.gamma=2` with `loss.name=ce` is an
+    error rather than a setting that silently does nothing. Other keys (head, chunk_size) belong
+    to the trainer and are not looked at."""
     name = loss_cfg["name"]
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)} (config loss.name)")
-    accepted = inspect.signature(_REGISTRY[name]).parameters
-    return get_loss(name, **{k: v for k, v in loss_cfg.items() if k in accepted})
+    taken = {}
+    for key, defaults in _hparam_defaults().items():
+        if key not in loss_cfg:
+            continue
+        if name in defaults:
+            taken[key] = loss_cfg[key]
+        elif loss_cfg[key] not in defaults.values():  # a default of the losses that take it is fine
+            users = ", ".join(sorted(defaults))
+            takes = "take" if len(defaults) > 1 else "takes"
+            raise ValueError(
+                f"loss.{key}={loss_cfg[key]!r} has no effect on loss {name!r} (only {users} {takes} {key}); "
+                f"drop the override, or set loss.name to one of {users}"
+            )
+    return get_loss(name, **taken)

@@ -19,6 +19,12 @@ def loss_hparams(loss, gamma, sigma) -> dict:
     return {"ce": {}, "focal": {"gamma": gamma}, "mile": {"gamma": gamma, "sigma": sigma}}[loss]
 
 
+def paper_clamped_entropy(p):
+    """The reference code's entropy: p~ = clip(p, 1e-8, 1), then -sum p~ ln p~ (both factors)."""
+    clipped = np.clip(np.asarray(p, np.float64), 1e-8, 1.0)
+    return -(clipped * np.log(clipped)).sum(-1)
+
+
 def reference_loss(logits, labels, mask, *, loss, gamma=1.0, sigma=1.0, normalization="global"):
     """Returns (loss, dloss/dlogits, aux) in float64, written straight from the paper's formulas."""
     z = np.asarray(logits, np.float64)
@@ -36,7 +42,7 @@ def reference_loss(logits, labels, mask, *, loss, gamma=1.0, sigma=1.0, normaliz
 
     paper = normalization == "paper"
     nll_for_weight = nll * m if paper else nll  # the reference's ignore_index gives nll = 0
-    entropy_for_weight = -(p * np.log(np.clip(p, 1e-8, 1.0))).sum(-1) if paper else entropy
+    entropy_for_weight = paper_clamped_entropy(p) if paper else entropy
     if loss == "ce":
         w = np.ones_like(nll)
     elif loss == "focal":

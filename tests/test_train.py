@@ -175,6 +175,7 @@ def test_tiny_model_overfits_short_text(tmp_path):
     [
         ({"loss.name": "mse"}, "unknown loss 'mse'"),
         ({"loss.gamma": -1.0}, "gamma must be"),
+        ({"loss.name": "ce", "loss.gamma": 2.0}, r"loss.gamma=2.0 has no effect on loss 'ce'"),
         ({"mesh.data": 3}, "needs 3 devices but 8 are available"),
         ({"data.global_batch_size": 6}, "not divisible by the data-parallel size 8"),
         ({"optim.num_microbatches": 3}, "micro-batches over 8 data-parallel shards"),

@@ -3,6 +3,7 @@
     python experiments/fit_table.py                   # compile what is missing, then write the table
     python experiments/fit_table.py --table-only      # just rebuild the table from finished compiles
     python experiments/fit_table.py --update-readme   # also replace the table in README.md
+    python experiments/fit_table.py --add-communication  # recompile reports from before traffic was counted
 
 Every compile is one `python -m mile.aot ... --json` run in a fresh process; its JSON and console
 output go to experiments/results/tpu_fit/, and finished compiles are re-used, so the script resumes.
@@ -57,11 +58,14 @@ def _load(name: str) -> dict | None:
         return json.load(f)
 
 
-def compile_once(size, loss, tpu, k, head="fused") -> dict | None:
-    """One `mile.aot` compile (re-used when done; None while another copy of the script runs it)."""
+def compile_once(size, loss, tpu, k, head="fused", redo_without_communication=False) -> dict | None:
+    """One `mile.aot` compile (re-used when done; None while another copy of the script runs it).
+
+    `redo_without_communication`: compile again a fitting report written before `mile.aot`
+    counted collective traffic (the new JSON replaces it only once the compile succeeded)."""
     name = _name(size, loss, tpu, k, head)
     done = _load(name)
-    if done is not None:
+    if done is not None and not (redo_without_communication and done["fits"] and "communication" not in done):
         return done
     lock = os.path.join(OUT_DIR, f"{name}.lock")
     try:
@@ -80,7 +84,7 @@ def compile_once(size, loss, tpu, k, head="fused") -> dict | None:
         f"--config.optim.num_microbatches={k}",
         f"--config.loss.head={head}",
         "--json",
-        os.path.relpath(path, ROOT),  # relative: the command is logged, and runs with cwd=ROOT
+        os.path.relpath(path, ROOT) + ".new",  # relative: the command is logged, and runs with cwd=ROOT
     ]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(cmd[1:])}", flush=True)
     try:
@@ -91,6 +95,7 @@ def compile_once(size, loss, tpu, k, head="fused") -> dict | None:
             print(f"error: {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
             return None
         print(proc.stdout, flush=True)
+        os.replace(path + ".new", path)  # a finished report replaces the old one, never a partial one
         return _load(name)
     finally:
         os.remove(lock)
@@ -156,21 +161,23 @@ def _estimate(size, loss, tpu, r):
     m = r["memory_per_chip_gib"]
     chip = flops.CHIPS[aot.parse_slice(tpu).generation]
     io_bytes = (m["arguments"] + m["outputs"]) * 2**30
-    return aot.flops_and_roofline(paper.get_config(f"{size},{loss}"), r["chips"], chip, io_bytes)
+    sent = r.get("communication", {}).get("bytes_per_chip")  # None in reports from before it was counted
+    return aot.flops_and_roofline(paper.get_config(f"{size},{loss}"), r["chips"], chip, io_bytes, sent)
 
 
 def fit_rows() -> list[str]:
     head = (
         "| model | loss | slice | chips / hosts | mesh | micro-batches: found (compiled) | GiB per chip (HBM) | "
-        "compile s | model TFLOP per step per chip | step ≥ s (est.) | MFU ≤ (est.) |"
+        "compile s | model TFLOP per step per chip | GiB sent per step per chip (est.) | "
+        "step ≥ s: compute / HBM / links (est.) | bound by | MFU ≤ (est.) |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for size, tpu, _ in ROWS:
         for loss in ("ce", "mile"):
             runs = _compiles(size, loss, tpu)
             if not runs:
                 lines.append(
-                    f"| {size} | {loss} | {tpu} | | | not compiled (out of time here; rerun the script) | | | | | |"
+                    f"| {size} | {loss} | {tpu} | | | not compiled (out of time here; rerun the script) | | | | | | | |"
                 )
                 continue
             fitting = [k for k, r in runs.items() if r["fits"]]
@@ -181,13 +188,19 @@ def fit_rows() -> list[str]:
             tried = ", ".join(f"{c}{'' if x['fits'] else ' ✗'}" for c, x in runs.items())
             if r["fits"]:
                 counts, roof = _estimate(size, loss, tpu, r)
-                step, mfu = f"{roof['step_s_lower_bound']:.2f}", f"{roof['mfu_upper_bound']:.0%}"
+                links = roof["communication_bound_s"]
+                sent = "–" if links is None else f"{r['communication']['bytes_per_chip'] / 2**30:.2f}"
+                step = (
+                    f"**{roof['step_s_lower_bound']:.2f}**: {roof['compute_bound_s']:.2f} / "
+                    f"{roof['hbm_bound_s']:.3f} / {'not counted' if links is None else f'{links:.2f}'}"
+                )
+                bound, mfu = roof["bound_by"], f"{roof['mfu_upper_bound']:.0%}"
                 flops = f"{counts['model_flops_per_step_per_chip'] / 1e12:,.0f}"
             else:
-                step = mfu = flops = "–"
+                step = mfu = flops = sent = bound = "–"
             lines.append(
                 f"| {size} | {loss} | {tpu} | {r['chips']} / {r['hosts']} | {_mesh(r)} | {found} ({tried}) | "
-                f"{_memory(r)} ({r['hbm_gib']:g}) | {r['compile_s']:.0f} | {flops} | {step} | {mfu} |"
+                f"{_memory(r)} ({r['hbm_gib']:g}) | {r['compile_s']:.0f} | {flops} | {sent} | {step} | {bound} | {mfu} |"
             )
     return lines
 
@@ -232,8 +245,10 @@ def write_table(update_readme: bool) -> str:
             "+ temp + code); HBM, peak FLOP/s and bandwidth are published chip figures (`mile.flops.CHIPS`).",
             "Micro-batches: the smallest count that fits, then every count compiled (✗ = does not fit);",
             '"≤ k" means half of k was not compiled. The roofline is an estimate: step ≥ max(FLOPs incl.',
-            "remat recompute / peak bf16, state bytes read and written / HBM bandwidth), communication not",
-            "counted; MFU ≤ model FLOPs / peak / that bound.",
+            "remat recompute / peak bf16, state bytes read and written / HBM bandwidth, bytes each chip",
+            "sends through collectives / its link bandwidth); MFU ≤ model FLOPs / peak / that bound. Bytes",
+            "sent come from the compiled HLO (`mile.hlo_traffic`: every collective in the ring model, times",
+            "how often its loop runs); the link figure is half the published bidirectional ICI per chip.",
             "",
             *fit_rows(),
             "",
@@ -272,10 +287,21 @@ def main() -> None:
     parser.add_argument("--first-row", type=int, default=0, help="start at this row of ROWS (for a 2nd copy)")
     parser.add_argument("--heads-only", action="store_true", help="only the fused vs materialised comparison")
     parser.add_argument("--ce-only", action="store_true", help="only the CE rows (after MiLe's)")
+    parser.add_argument(
+        "--add-communication", action="store_true",
+        help="recompile each row's reported count whose report predates the collective-traffic count",
+    )  # fmt: skip
     args = parser.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
     rows = ROWS[args.first_row :] + ROWS[: args.first_row]
-    if args.heads_only:
+    if args.add_communication:
+        for size, tpu, _ in rows:
+            for loss in ("mile", "ce"):
+                fits = [k for k, r in _compiles(size, loss, tpu).items() if r["fits"]]
+                if fits:
+                    compile_once(size, loss, tpu, min(fits), redo_without_communication=True)
+                    write_table(False)
+    elif args.heads_only:
         for size, tpu in HEAD_COMPARISON:
             compare_heads(size, tpu)
     elif not (args.table_only or args.ce_only):

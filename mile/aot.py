@@ -6,8 +6,9 @@
 No TPU is needed: libtpu (requirements-tpu.txt) compiles for a described slice ahead of time. The
 step is `mile.step.jit_train_step`, the function the training loop runs, lowered with abstract
 (never allocated) state and batch. Reported per chip: the compiled memory against the chip's HBM,
-the collectives in the compiled program, analytic model FLOPs and a roofline estimate of the
-step time and MFU. Chip figures come from `mile.flops.CHIPS` (published peaks: estimates).
+the collectives in the compiled program and the bytes each chip sends through them per step
+(`mile.hlo_traffic`), analytic model FLOPs and a roofline estimate of the step time and MFU
+(compute, HBM and link bounds). Chip figures come from `mile.flops.CHIPS` (published peaks: estimates).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import re
 import sys
 import time
 from collections import Counter
+
+from mile.hlo_traffic import collective_traffic
 
 # Slice name prefix -> (topology prefix, TensorCores per chip counted in the slice name, grid rank).
 # v4 and v5p slices are named by TensorCores (v5p-64 = 32 chips, 3-D torus); v5e and v6e by chips (2-D).
@@ -164,11 +167,13 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
-def flops_and_roofline(cfg, chips: int, chip, io_bytes: float) -> tuple[dict, dict]:
+def flops_and_roofline(cfg, chips: int, chip, io_bytes: float, sent_bytes: float | None) -> tuple[dict, dict]:
     """Analytic model FLOPs of a step, and a roofline estimate of its time on `chips` x `chip`.
 
-    step >= max(hardware FLOPs per chip / peak bf16, io_bytes / HBM bandwidth): every argument is
-    read and every output written at least once per step. Communication is not counted, so this
+    step >= max(hardware FLOPs per chip / peak bf16, io_bytes / HBM bandwidth, sent_bytes /
+    link bandwidth): every argument is read and every output written at least once per step,
+    and each chip sends `sent_bytes` through collectives (`mile.hlo_traffic`; None: not counted).
+    Each term assumes its resource runs flat out with nothing else in the way, so the maximum
     is a lower bound on the step time and an upper bound on MFU, from published chip figures."""
     from mile import flops
 
@@ -177,9 +182,12 @@ def flops_and_roofline(cfg, chips: int, chip, io_bytes: float) -> tuple[dict, di
     per_token = flops.model_flops_per_token(cfg.model, seq)
     model_per_chip = per_token * rows * seq / chips
     hardware_per_chip = flops.hardware_flops_per_token(cfg.model, seq) * rows * seq / chips
-    compute_s = hardware_per_chip / chip.peak_bf16_flops
-    memory_s = io_bytes / chip.hbm_bytes_per_s
-    step_s = max(compute_s, memory_s)
+    bounds = {
+        "compute": hardware_per_chip / chip.peak_bf16_flops,
+        "hbm": io_bytes / chip.hbm_bytes_per_s,
+        "communication": 0.0 if sent_bytes is None else sent_bytes / chip.link_bytes_per_s,
+    }
+    step_s = max(bounds.values())
     counts = {
         "params": params["total"],
         "non_embedding_params": params["non_embedding"],
@@ -190,9 +198,12 @@ def flops_and_roofline(cfg, chips: int, chip, io_bytes: float) -> tuple[dict, di
     roofline = {
         "peak_bf16_tflops": chip.peak_bf16_flops / 1e12,
         "hbm_gb_per_s": chip.hbm_bytes_per_s / 1e9,
-        "compute_bound_s": compute_s,
-        "hbm_bound_s": memory_s,
+        "link_gb_per_s": chip.link_bytes_per_s / 1e9,
+        "compute_bound_s": bounds["compute"],
+        "hbm_bound_s": bounds["hbm"],
+        "communication_bound_s": None if sent_bytes is None else bounds["communication"],
         "step_s_lower_bound": step_s,
+        "bound_by": max(bounds, key=bounds.get),
         "tokens_per_s_per_chip_upper_bound": rows * seq / chips / step_s,
         "mfu_upper_bound": model_per_chip / chip.peak_bf16_flops / step_s,
     }
@@ -254,10 +265,12 @@ def compile_report(cfg, tpu: Slice, devices=None) -> dict:
     report["compile_s"] = time.perf_counter() - start
     parts = _memory_parts(compiled)
     report.update(_fit(parts, chip))
-    found = collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    found = collectives(hlo)
     report["collectives"] = {"counts": dict(Counter(c["kind"] for c in found)), "instructions": found}
+    report["communication"] = collective_traffic(hlo, len(devices))
     report["flops"], report["roofline_estimate"] = flops_and_roofline(
-        cfg, len(devices), chip, parts["arguments"] + parts["outputs"]
+        cfg, len(devices), chip, parts["arguments"] + parts["outputs"], report["communication"]["bytes_per_chip"]
     )
     return report
 
@@ -394,6 +407,14 @@ def format_report(report: dict, config_name: str) -> str:
     )
     counts = report["collectives"]["counts"]
     add("collectives", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+    traffic = report["communication"]
+    sent = ", ".join(f"{k} {_size(_gib(v))}" for k, v in traffic["bytes_by_kind"].items() if v)
+    unread = traffic["unread_trip_counts"]
+    add(
+        "sent/chip (est.)",
+        f"{_size(_gib(traffic['bytes_per_chip']))} per step through collectives ({sent or 'none'})"
+        + (f"; {unread} loop(s) of unread trip count counted once" if unread else ""),
+    )
     f, r = report["flops"], report["roofline_estimate"]
     add(
         "model FLOPs",
@@ -404,7 +425,8 @@ def format_report(report: dict, config_name: str) -> str:
         "roofline (est.)",
         f"step >= {r['step_s_lower_bound']:.4g} s (compute {r['compute_bound_s']:.4g} s at "
         f"{r['peak_bf16_tflops']:g} TFLOP/s{', with remat recompute' if report['remat'] == 'full' else ''}, "
-        f"HBM {r['hbm_bound_s']:.4g} s); MFU <= {r['mfu_upper_bound']:.0%}",
+        f"HBM {r['hbm_bound_s']:.4g} s, links {r['communication_bound_s']:.4g} s at {r['link_gb_per_s']:g} GB/s "
+        f"sent); bound by {r['bound_by']}; MFU <= {r['mfu_upper_bound']:.0%}",
     )
     return "\n".join(lines)
 

@@ -73,17 +73,22 @@ class Chip:
     peak_bf16_flops: float  # FLOP/s, dense
     hbm_bytes_per_s: float
     device_kinds: tuple[str, ...]  # jax `device.device_kind` strings (substring match for GPUs)
+    # What one chip can send per second over all its links (half the published bidirectional
+    # inter-chip figure: ICI on TPUs, NVLink within one node on GPUs).
+    link_bytes_per_s: float
 
 
-# Google Cloud TPU system-architecture pages and NVIDIA datasheets (SXM parts).
+# Google Cloud TPU system-architecture pages and NVIDIA datasheets (SXM parts). Links: TPU
+# bidirectional ICI per chip v4 600 GB/s (2400 Gbps each way), v5e 400, v5p 1200, v6e 800;
+# NVLink A100 600 GB/s, H100 and H200 900.
 CHIPS = {
-    "v4": Chip("TPU v4", 32, 275e12, 1.2e12, ("TPU v4",)),
-    "v5e": Chip("TPU v5e", 16, 197e12, 0.819e12, ("TPU v5 lite", "TPU v5e")),
-    "v5p": Chip("TPU v5p", 95, 459e12, 2.765e12, ("TPU v5", "TPU v5p")),
-    "v6e": Chip("TPU v6e", 32, 918e12, 1.64e12, ("TPU v6 lite", "TPU v6e")),
-    "a100": Chip("NVIDIA A100", 80, 312e12, 2.0e12, ("A100",)),
-    "h100": Chip("NVIDIA H100", 80, 989e12, 3.35e12, ("H100",)),
-    "h200": Chip("NVIDIA H200", 141, 989e12, 4.8e12, ("H200",)),
+    "v4": Chip("TPU v4", 32, 275e12, 1.2e12, ("TPU v4",), 300e9),
+    "v5e": Chip("TPU v5e", 16, 197e12, 0.819e12, ("TPU v5 lite", "TPU v5e"), 200e9),
+    "v5p": Chip("TPU v5p", 95, 459e12, 2.765e12, ("TPU v5", "TPU v5p"), 600e9),
+    "v6e": Chip("TPU v6e", 32, 918e12, 1.64e12, ("TPU v6 lite", "TPU v6e"), 400e9),
+    "a100": Chip("NVIDIA A100", 80, 312e12, 2.0e12, ("A100",), 300e9),
+    "h100": Chip("NVIDIA H100", 80, 989e12, 3.35e12, ("H100",), 450e9),
+    "h200": Chip("NVIDIA H200", 141, 989e12, 4.8e12, ("H200",), 450e9),
 }
 
 

@@ -106,6 +106,15 @@ def test_tiny_step_fits_v5e_4_and_gathers_no_unembedding_or_logits(libtpu):
     ]
     assert not [s for s in gathered if vocab in s], gathered
     assert "all-gather" not in kinds  # nothing at all is gathered under pure data parallelism
+    # By hand: each chip all-reduces every float32 gradient once, 2 (n-1)/n x 4 bytes per
+    # parameter in the ring model, plus a few scalars (loss terms, the finite flag).
+    gradients = 2 * 3 / 4 * 4 * flops.param_counts(cfg.model)["total"]
+    sent = report["communication"]["bytes_by_kind"]
+    assert gradients <= sent["all-reduce"] < gradients * 1.01, (sent, gradients)
+    assert report["communication"]["bytes_per_chip"] == sent["all-reduce"]
+    roof = report["roofline_estimate"]
+    assert roof["communication_bound_s"] == pytest.approx(sent["all-reduce"] / flops.CHIPS["v5e"].link_bytes_per_s)
+    assert roof["step_s_lower_bound"] == max(roof["compute_bound_s"], roof["hbm_bound_s"], roof["communication_bound_s"])
     assert report["flops"]["model_flops_per_token"] == flops.model_flops_per_token(
         cfg.model, cfg.data.seq_len
     )

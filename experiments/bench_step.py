@@ -116,7 +116,12 @@ def reference_mile_loss(logits, labels, gamma: float, sigma: float):
     return (alpha * weight.reshape(-1) * nll).mean()
 
 
-def time_torch(cfg, loss: str, warmup: int, steps: int) -> list[float]:
+def time_torch(cfg, loss: str, warmup: int, steps: int, device: str = "cpu", microbatches: int = 1) -> list[float]:
+    """Seconds per step of the reference stack. On "cuda" the forward runs under bf16 autocast (the
+    reference trains in bf16); `microbatches` > 1 accumulates gradients over that many slices of
+    the batch, each with its own MiLe normaliser, as the reference code's accumulation does."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,29 +143,36 @@ def time_torch(cfg, loss: str, warmup: int, steps: int) -> list[float]:
             attn_implementation="sdpa",
         )
     )
-    model.train()
+    model.to(device).train()
     o = cfg.optim
     opt = torch.optim.AdamW(
         model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
     )
-    inputs, targets = (torch.from_numpy(a).long() for a in _random_batch(cfg))
+    inputs, targets = (torch.from_numpy(a).long().to(device) for a in _random_batch(cfg))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
     def step():
-        logits = model(input_ids=inputs).logits
-        if loss == "mile":
-            value = reference_mile_loss(logits, targets, cfg.loss.gamma, cfg.loss.sigma)
-        else:
-            value = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        value.backward()
+        total = 0.0
+        for x, y in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
+            with autocast:
+                logits = model(input_ids=x).logits
+            if loss == "mile":
+                value = reference_mile_loss(logits, y, cfg.loss.gamma, cfg.loss.sigma)
+            else:
+                value = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (value / microbatches).backward()
+            total += value.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
         opt.step()
-        return value.item()
+        return total
 
     times = []
     for i in range(warmup + steps):
         t0 = _clock()
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         if i >= warmup:
             times.append(_clock() - t0)
     return times

@@ -178,7 +178,72 @@ def time_torch(cfg, loss: str, warmup: int, steps: int, device: str = "cpu", mic
     return times
 
 
+GEMM_FORMS = ("X W", "dY W^T", "X^T dY")  # forward, input gradient, weight gradient
+
+
+def gemm_shapes(cfg) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of the step's big matmuls: attention projections, MLP in/out, LM head."""
+    m, d = cfg.model, cfg.data
+    tokens = d.global_batch_size * d.seq_len
+    return [
+        (tokens, m.embed_dim, m.mlp_dim),
+        (tokens, m.mlp_dim, m.embed_dim),
+        (tokens, m.embed_dim, m.num_heads * m.head_dim),
+        (tokens, m.embed_dim, m.vocab_size),
+    ]
+
+
+def _gemm_operands(form: str, t: int, k: int, n: int):
+    """Stored operand shapes of one form of the step's matmul X [t, k] @ W [k, n], and the
+    contraction, written with transposed views as autodiff writes them (no copy asked for)."""
+    return {
+        "X W": ((t, k), (k, n), lambda a, b: a @ b),
+        "dY W^T": ((t, n), (k, n), lambda a, b: a @ b.T),
+        "X^T dY": ((t, k), (t, n), lambda a, b: a.T @ b),
+    }[form]
+
+
+def time_gemms(cfg, stack: str, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of each GEMM of the step, in each form, in one stack (float32, median of repeats)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for t, k, n in gemm_shapes(cfg):
+        for form in GEMM_FORMS:
+            a_shape, b_shape, contract = _gemm_operands(form, t, k, n)
+            a = rng.standard_normal(a_shape, dtype=np.float32)
+            b = rng.standard_normal(b_shape, dtype=np.float32)
+            if stack == "torch":
+                import torch
+
+                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                run = lambda: contract(ta, tb)  # noqa: E731
+            else:
+                import jax
+                import jax.numpy as jnp
+
+                f = jax.jit(contract)
+                ja, jb = jnp.asarray(a), jnp.asarray(b)
+                run = lambda: jax.block_until_ready(f(ja, jb))  # noqa: E731
+            run()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            out[f"{t}x{k}x{n} {form}"] = 2 * t * k * n / sorted(times)[repeats // 2] / 1e9
+    return out
+
+
 def worker(args) -> None:
+    if args.gemms:
+        if args.stack == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(time_gemms(_shape_config(args.set), args.stack)))
+        return
     if args.stack == "torch":
         import torch
 
@@ -194,8 +259,9 @@ def worker(args) -> None:
     print(json.dumps({"median_s": median, "tokens": tokens}))
 
 
-def _run_worker(stack: str, loss: str, args) -> dict:
+def _run_worker(stack: str, loss: str, args, gemms: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--loss", loss]
+    cmd += ["--gemms"] if gemms else []
     cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     for item in args.set:
         cmd += ["--set", item]
@@ -216,6 +282,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="config override, e.g. model.num_layers=2")
     p.add_argument("--worker", choices=("mile", "torch"), dest="stack", default=None, help=argparse.SUPPRESS)
     p.add_argument("--loss", choices=("mile", "ce"), default="mile", help=argparse.SUPPRESS)
+    p.add_argument("--gemms", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-gemm-table", action="store_true", help="skip the GEMM table")
     args = p.parse_args()
     if args.stack:
         worker(args)
@@ -250,6 +318,24 @@ def main() -> None:
             f"| {LABELS[variant]} | {med(rs) / 1e3:.2f}k | {min(rs) / 1e3:.2f}-{max(rs) / 1e3:.2f}k "
             f"| {med(rs) / ref_mile:.2f}x | {med(rs) / ref_ce:.2f}x |"
         )
+    if not args.no_gemm_table:
+        gemm_table(args)
+
+
+def gemm_table(args) -> None:
+    """The step's GEMMs alone, XLA:CPU (jnp.dot under jit) against torch, each in its own process,
+    interleaved over the rounds: whether matmuls explain a gap between the stacks."""
+    samples = {"mile": [], "torch": []}
+    for _ in range(args.rounds):
+        for stack in samples:
+            samples[stack].append(_run_worker(stack, "mile", args, gemms=True))
+    keys = list(samples["mile"][0])
+    print(f"\nGEMMs of the step alone, float32 GFLOP/s (median of 10 runs, best of {args.rounds} rounds; torch {args.threads} threads)\n")
+    print("| [tokens x in x out] form | XLA | torch | XLA / torch |")
+    print("|---|---|---|---|")
+    for key in keys:
+        x, t = (max(r[key] for r in samples[s]) for s in ("mile", "torch"))
+        print(f"| {key} | {x:.0f} | {t:.0f} | {x / t:.2f} |")
 
 
 if __name__ == "__main__":

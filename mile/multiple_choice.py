@@ -8,13 +8,9 @@ A task file is JSONL, one example per line::
 the options differ in the context and the continuation is shared). ``gold`` indexes
 ``choices``. Each choice's score is the summed log-likelihood of its continuation tokens:
 
-* Tokenisation: the sequence is ``[EOS] + encode(context + choice)`` (EOS: a document start,
-  as in training, where documents follow an EOS separator). The continuation tokens are those
-  of the whole encoding beyond its longest common prefix with ``encode(context)``. We encode
-  the whole, not the two halves separately, because this SentencePiece model adds a dummy
-  "▁" prefix: ``encode(" yes")`` alone would give "▁▁yes", a token sequence never seen in
-  training. When pieces merge across the boundary, the merged piece is scored with the
-  continuation (so a choice may carry a few characters of the context's tail).
+* Tokenisation: ``mile.conditioning`` (one EOS in front, the harness's split of context and
+  continuation), so this scorer, ``python -m mile.lm_eval`` and the HF export through the
+  harness score the same tokens.
 * ``acc``: argmax of the summed log-likelihood; ``acc_norm``: argmax of log-likelihood / number
   of characters in the choice (lm-eval's length normalisation). Ties go to the lower index.
 * k-shot: ``k`` examples drawn by ``mile.fewshot.draw_shots`` (seed ``[seed, example index]``,
@@ -36,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mile.conditioning import split_request
 from mile.fewshot import draw_shots
 from mile.jsonl import read_records
 from mile.perplexity import make_stats_fn
@@ -97,29 +94,18 @@ def few_shot_prefix(
     return "".join(_shot_text(ex) for ex in draw_shots(examples, index, k_shot, seed, shot_pool))
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode_request(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
-    """(token ids incl. leading EOS, number of trailing continuation tokens), left-truncated to
-    ``max_len + 1`` tokens (model inputs are the first ``max_len``)."""
-    ctx = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
-    n_cont = len(whole) - _common_prefix(ctx, whole)
-    if n_cont == 0:
+    """(token ids incl. leading EOS, number of trailing continuation tokens), split by
+    mile.conditioning (the harness's cut) and left-truncated to ``max_len + 1`` tokens (model
+    inputs are the first ``max_len``)."""
+    ctx, cont = split_request(tokenizer, context, continuation)
+    if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens; give non-empty choices.")
-    if n_cont > max_len:
+    if len(cont) > max_len:
         raise ValueError(
-            f"continuation has {n_cont} tokens, more than max_seq_len={max_len}; shorten the choices."
+            f"continuation has {len(cont)} tokens, more than max_seq_len={max_len}; shorten the choices."
         )
-    ids = [tokenizer.eos_id] + whole
-    return ids[-(max_len + 1) :], n_cont
+    return (ctx + cont)[-(max_len + 1) :], len(cont)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ normalised alias); answers[0] is the canonical answer, used as the target in k-s
 
 Prompt: k shots "Q: {q}\\nA: {a}\\n\\n", then "Q: {question}\\nA:". The shots follow the rule
 multiple choice uses (mile.fewshot.draw_shots): drawn without replacement, seeded by
-[seed, example index], from `shots_pool` when given, else from the task's other examples. No BOS is prepended (training
-never sees one). The model generates greedily; the decoded text is cut at the first
+[seed, example index], from `shots_pool` when given, else from the task's other examples. The prompt is conditioned on one EOS
+in front (mile.conditioning). The model generates greedily; the decoded text is cut at the first
 newline, period or comma and compared after `normalize_answer`.
 """
 
@@ -24,6 +24,7 @@ import string
 import unicodedata
 from typing import Iterable, Sequence
 
+from mile.conditioning import encode_document
 from mile.fewshot import draw_shots
 from mile.jsonl import read_records
 from mile.generate import greedy_generate
@@ -101,7 +102,7 @@ def evaluate_qa(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
             f"model.max_seq_len={model.config.max_seq_len}; lower max_new_tokens"
         )
-    encoded = [tokenizer.encode(p)[-room:] for p in prompts]
+    encoded = [encode_document(tokenizer, p)[-room:] for p in prompts]
     eos = tokenizer.eos_id
     pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
 

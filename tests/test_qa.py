@@ -175,7 +175,8 @@ def test_evaluate_qa_plumbing(monkeypatch):
 
 
 def test_evaluate_qa_end_to_end():
-    """A tiny random model: predictions equal a direct greedy_generate, scoring is consistent."""
+    """A tiny random model: predictions equal a direct greedy_generate from EOS + prompt (the
+    conditioning rule), scoring is consistent."""
     cfg = tiny_model_config(vocab_size=128, num_layers=1, max_seq_len=128, init_std=0.3)  # ASCII ids
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tok = CharTokenizer()
@@ -185,7 +186,7 @@ def test_evaluate_qa_end_to_end():
     prompts = qa.build_prompts(EXAMPLES, k_shot=1, seed=3, shots_pool=POOL)
     assert tok.encoded == prompts
     direct = greedy_generate(
-        model, [tok.encode(p) for p in prompts], max_new_tokens=6, pad_id=tok.pad_id, stop_ids={tok.eos_id}
+        model, [[tok.eos_id] + tok.encode(p) for p in prompts], max_new_tokens=6, pad_id=tok.pad_id, stop_ids={tok.eos_id}
     )
     for pred, ids in zip(result["predictions"], direct):
         assert pred["prediction"] == qa.cut_at_stop(tok.decode(ids))

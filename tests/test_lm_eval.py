@@ -3,8 +3,6 @@ score a local task alike; rolling log-likelihood and greedy generation match the
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from model_helpers import tiny_model_config  # noqa: E402
-from train_helpers import REPO, tiny_config  # noqa: E402
 
 from mile import export  # noqa: E402
 from mile import lm_eval as MLE  # noqa: E402
@@ -144,40 +141,6 @@ def test_rolling_loglikelihood_and_generation_match_the_hf_backend(setup, tmp_pa
     assert all(m and "o" not in m for m in mine), mine
     with pytest.raises(ValueError, match="greedily"):
         mile_lm.generate_until([Instance("generate_until", {}, ("x", {"do_sample": True}), 0)])
-
-
-def test_cli_on_a_workdir_matches_mile_evaluate(tmp_path):
-    """python -m mile.lm_eval --model mile on a trained workdir (own process, the harness's CLI)
-    gives the log-likelihoods and acc of python -m mile.evaluate --mc on the same file."""
-    from mile import evaluate as E
-    from mile import train as T
-
-    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.eval_every": 100})
-    workdir = tmp_path / "work"
-    T.train(cfg, str(workdir))
-    examples = [dict(e, context=e["context"][-40:]) for e in _task_examples(8, seed=3)]  # fit 32 tokens
-    data = tmp_path / f"{TASK}.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    MLE.write_mc_task(tmp_path / "tasks", TASK, data)
-    assert E.main(["--workdir", str(workdir), "--mc", str(data), "--eval-batches", "1"]) == 0
-    own = json.loads((workdir / "eval" / "step_2.json").read_text())["mc"][TASK]
-
-    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [
-        sys.executable, "-m", "mile.lm_eval", "--model", "mile",
-        "--model_args", f"workdir={workdir},step=2", "--batch_size", "8",
-        "--tasks", TASK, "--include_path", str(tmp_path / "tasks"),
-        "--output_path", str(tmp_path / "out"), "--log_samples",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (samples_file,) = list((tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl"))
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
-    harness_ll = np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
-    np.testing.assert_allclose(harness_ll, own["loglik"], rtol=0, atol=1e-4)
-    (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
-    metrics = json.loads(results_file.read_text())["results"][TASK]
-    assert metrics["acc,none"] == own["acc"] and metrics["acc_norm,none"] == own["acc_norm"]
 
 
 def test_backend_refuses_a_missing_workdir():

@@ -109,27 +109,10 @@ def test_k_shot_without_a_pool_uses_the_multiple_choice_rule():
     assert prompts != qa.build_prompts(EXAMPLES, k_shot=2, seed=6)
 
 
-def test_converters(tmp_path):
-    trivia = {
-        "question": "Q1",
-        "answer": {"value": "Paris", "aliases": ["Paris", "Paree"], "normalized_aliases": ["paris", "paree"]},
-    }
-    assert qa.convert_record(trivia, "triviaqa") == {
-        "question": "Q1",
-        "answers": ["Paris", "Paree", "paris", "paree"],
-    }
-    flat = {"question": "Q1", "answer.value": "Paris", "answer.aliases": ["P"]}
-    assert qa.convert_record(flat, "triviaqa")["answers"] == ["Paris", "P"]
-    assert qa.convert_record({"question": "Q2", "answers": ["a", "b"], "url": "u"}, "webquestions") == {
-        "question": "Q2",
-        "answers": ["a", "b"],
-    }
-    assert qa.convert_record({"question": "Q3", "answer": ["x"]}, "nq_open")["answers"] == ["x"]
-    with pytest.raises(ValueError, match="unknown QA source"):
-        qa.convert_record(trivia, "squad")
+def test_load_examples_rejects_a_line_without_answers(tmp_path):
     path = tmp_path / "task.jsonl"
-    assert qa.convert_jsonl([trivia, flat], path, "triviaqa") == 2
-    assert [e["question"] for e in qa.load_examples(path)] == ["Q1", "Q1"]
+    path.write_text(json.dumps({"question": "Q1", "answers": ["Paris"]}) + "\n")
+    assert qa.load_examples(path) == [{"question": "Q1", "answers": ["Paris"]}]
     path.write_text(json.dumps({"question": "Q"}) + "\n")
     with pytest.raises(ValueError, match="answers"):
         qa.load_examples(path)

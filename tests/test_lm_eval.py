@@ -88,6 +88,11 @@ def test_three_routes_agree(setup, hf_route):
     assert mile_ll.shape == hf_ll.shape == own_ll.shape == (12, 4)
     # Real, well separated scores (a route that dropped the EOS moves them by far more than 1e-4).
     assert np.ptp(hf_ll, axis=1).min() > 0.1
+    print(
+        f"max |d loglik|: mile backend vs hf {np.abs(mile_ll - hf_ll).max():.1e}, mile.evaluate vs hf "
+        f"{np.abs(own_ll - hf_ll).max():.1e}, backend vs mile.evaluate {np.abs(mile_ll - own_ll).max():.1e}; "
+        f"acc {mile_acc:.3f}, acc_norm {mile_norm:.3f}"
+    )
     np.testing.assert_allclose(mile_ll, hf_ll, rtol=0, atol=1e-4)
     np.testing.assert_allclose(own_ll, hf_ll, rtol=0, atol=1e-4)
     assert mile_acc == hf_acc == own["acc"]

@@ -416,8 +416,11 @@ def test_harness_cli_on_the_workdir_matches_mile_evaluate(trained, tmp_path):
     data.write_text("".join(json.dumps(e) + "\n" for e in _examples(8)))
     MLE.write_mc_task(tmp_path / "tasks", TASK, data)
     out = tmp_path / "own.json"
-    assert E.main(["--workdir", str(workdir), "--mc", str(data), "--eval-batches", "1", "--out", str(out)]) == 0
-    own = json.loads(out.read_text())["mc"][TASK]
+    argv = ["--workdir", str(workdir), "--mc", str(data), "--eval-batches", "1", "--out", str(out)]
+    argv += ["--tasks", TASK, "--include-path", str(tmp_path / "tasks"), "--batch-size", "8"]
+    assert E.main(argv) == 0
+    result = json.loads(out.read_text())
+    own = result["mc"][TASK]
     assert len({tuple(ll) for ll in own["loglik"]}) > 1  # examples really differ
 
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -436,3 +439,6 @@ def test_harness_cli_on_the_workdir_matches_mile_evaluate(trained, tmp_path):
     (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
     metrics = json.loads(results_file.read_text())["results"][TASK]
     assert metrics["acc,none"] == own["acc"] and metrics["acc_norm,none"] == own["acc_norm"]
+    # mile.evaluate --tasks: the same harness run in-process on the model it restored.
+    assert result["harness"][TASK]["acc,none"] == own["acc"]
+    assert result["harness"][TASK]["acc_norm,none"] == own["acc_norm"]

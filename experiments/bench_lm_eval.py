@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_lm_eval_")
     docs = [" ".join(rng.choice(WORDS, size=200)).capitalize() + "." for _ in range(300)]
     cfg = cpu.get_config()
-    tok = mtok.train_or_load(docs, corpus_fingerprint="bench", vocab_size=500, cache_dir=tmp)  # model vocab stays 8000
+    tok = mtok.train_or_load(
+        docs, corpus_fingerprint="bench", vocab_size=500, cache_dir=tmp
+    )  # model vocab stays 8000
     model = Llama(cfg.model, rngs=nnx.Rngs(0))
     hf_dir = export.export_hf(model, cfg, tok.path, os.path.join(tmp, "hf"))
     data = os.path.join(tmp, "bench_mc.jsonl")
@@ -84,27 +86,31 @@ def main(argv=None) -> int:
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0)
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0
+            )
             times.append(time.perf_counter() - start)
         accs[name] = out["results"]["bench_mc"]["acc,none"]
         rows.append((name, *times))
     print(
         f"\n{args.questions} questions x 4 choices = {n_requests} loglikelihood requests, "
-        f"batch {args.batch_size}, model configs/cpu.py ({sum(x.size for x in jax_leaves(model)) / 1e6:.1f}M params), "
+        f"batch {args.batch_size}, model configs/cpu.py ({_param_count(model) / 1e6:.1f}M params), "
         f"torch threads {torch.get_num_threads()}"
     )
     print(f"{'backend':<12}{'run 1 s':>9}{'req/s':>8}{'run 2 s':>9}{'req/s':>8}{'acc':>7}")
     for name, t1, t2 in rows:
-        print(f"{name:<12}{t1:>9.2f}{n_requests / t1:>8.1f}{t2:>9.2f}{n_requests / t2:>8.1f}{accs[name]:>7.3f}")
+        print(
+            f"{name:<12}{t1:>9.2f}{n_requests / t1:>8.1f}{t2:>9.2f}{n_requests / t2:>8.1f}{accs[name]:>7.3f}"
+        )
     (m1, m2), (h1, h2) = (r[1:] for r in rows)
     print(f"mile / hf requests/s: run 1 {h1 / m1:.2f}x, run 2 {h2 / m2:.2f}x")
     return 0
 
 
-def jax_leaves(model):
+def _param_count(model) -> int:
     import jax
 
-    return jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,10 @@ def _harness(model, tokenizer, args) -> dict[str, Any]:
         log_samples=False,
     )
     print(lm_eval.utils.make_table(out))
-    return {task: {k: v for k, v in r.items() if isinstance(v, (int, float, str))} for task, r in out["results"].items()}
+    return {
+        task: {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+        for task, r in out["results"].items()
+    }
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +105,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         try:
             import lm_eval  # noqa: F401  fail before the slow restore
         except ImportError:
-            raise ValueError("--tasks needs lm-evaluation-harness; pip install -r requirements-eval.txt.") from None
+            msg = "--tasks needs lm-evaluation-harness; pip install -r requirements-eval.txt."
+            raise ValueError(msg) from None
     if args.eval_batches is not None and args.eval_batches < 1:
         raise ValueError(f"--eval-batches={args.eval_batches} must be >= 1 (omit it for one full pass).")
 
@@ -158,7 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON output (default: <workdir>/eval/step_<N>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated (mile.lm_eval)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="harness few-shot count (default: the task's)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="harness shots (default: the task's)")
     p.add_argument("--include-path", default=None, help="directory of local harness task YAML files")
     p.add_argument("--batch-size", type=int, default=16, help="harness requests scored per batch")
     return p.parse_args(argv)

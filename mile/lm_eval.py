@@ -197,7 +197,9 @@ class MileLM(TemplateLM):
 
     def _generate(self, contexts: Sequence[str], kwargs: dict) -> list[str]:
         if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
-            raise ValueError("mile's backend generates greedily only; drop do_sample/temperature from the task.")
+            raise ValueError(
+                "mile's backend generates greedily only; drop do_sample/temperature from the task."
+            )
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         eos_text = self.tok.decode([self.eot_token_id])
@@ -219,7 +221,9 @@ class MileLM(TemplateLM):
             chunk = order[start : start + self.batch_size]
             prompts = [encoded[i] for i in chunk]
             prompts += [prompts[-1]] * (self.batch_size - len(prompts))  # one batch shape
-            for i, ids in zip(chunk, greedy_generate(self.model, prompts, max_new_tokens=max_new, stop_ids=stop, pad_id=pad)):
+            for i, ids in zip(
+                chunk, greedy_generate(self.model, prompts, max_new_tokens=max_new, stop_ids=stop, pad_id=pad)
+            ):
                 gens[i] = ids
         for ids in gens:
             text = self.tok.decode([t for t in ids if t != eos])
@@ -256,7 +260,9 @@ def write_mc_task(directory, name: str, data_file) -> pathlib.Path:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.yaml"
-    path.write_text(_MC_TASK_YAML.format(name=name, data_file=json.dumps(str(pathlib.Path(data_file).resolve()))))
+    path.write_text(
+        _MC_TASK_YAML.format(name=name, data_file=json.dumps(str(pathlib.Path(data_file).resolve())))
+    )
     return path
 
 

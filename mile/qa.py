@@ -10,9 +10,10 @@ TriviaQA, WebQuestions and NQ-Open themselves run in lm-evaluation-harness (pyth
 
 Prompt: k shots "Q: {q}\\nA: {a}\\n\\n", then "Q: {question}\\nA:". The shots follow the rule
 multiple choice uses (mile.fewshot.draw_shots): drawn without replacement, seeded by
-[seed, example index], from `shots_pool` when given, else from the task's other examples. The prompt is conditioned on one EOS
-in front (mile.conditioning). The model generates greedily; the decoded text is cut at the first
-newline, period or comma and compared after `normalize_answer`.
+[seed, example index], from `shots_pool` when given, else from the task's other examples.
+The prompt is conditioned on one EOS in front (mile.conditioning). The model generates
+greedily; the decoded text is cut at the first newline, period or comma and compared after
+`normalize_answer`.
 """
 
 from __future__ import annotations

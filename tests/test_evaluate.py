@@ -433,7 +433,8 @@ def test_harness_cli_on_the_workdir_matches_mile_evaluate(trained, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (samples_file,) = list((tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl"))
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples.sort(key=lambda s: s["doc_id"])
     harness_ll = np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
     np.testing.assert_allclose(harness_ll, own["loglik"], rtol=0, atol=1e-4)
     (results_file,) = list((tmp_path / "out").rglob("results_*.json"))

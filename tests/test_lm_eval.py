@@ -77,7 +77,9 @@ def _harness(setup, model, **kwargs):
 
 @pytest.fixture(scope="module")
 def hf_route(setup):
-    return _harness(setup, "hf", model_args=f"pretrained={setup['hf_dir']},dtype=float32", device="cpu", batch_size=8)
+    return _harness(
+        setup, "hf", model_args=f"pretrained={setup['hf_dir']},dtype=float32", device="cpu", batch_size=8
+    )
 
 
 def test_three_routes_agree(setup, hf_route):

@@ -83,10 +83,18 @@ class MileLM(TemplateLM):
         tokenizer: str | None = None,
         *,
         model=None,
-        **unused,
+        device: str | None = None,  # the harness passes these two; JAX picks the devices itself
+        max_batch_size: int | None = None,
+        **unknown,
     ):
         super().__init__()
         from mile.data.tokenizer import Tokenizer
+
+        if unknown:
+            raise ValueError(
+                f"unknown --model_args {', '.join(sorted(unknown))} for --model mile; "
+                "use workdir, step, max_gen_toks, tokenizer."
+            )
 
         if model is None:
             if workdir is None:

@@ -153,3 +153,5 @@ def test_rolling_loglikelihood_and_generation_match_the_hf_backend(setup, tmp_pa
 def test_backend_refuses_a_missing_workdir():
     with pytest.raises(ValueError, match="workdir"):
         MLE.MileLM()
+    with pytest.raises(ValueError, match="unknown --model_args wrokdir"):
+        MLE.MileLM(wrokdir="w")

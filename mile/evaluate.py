@@ -2,11 +2,14 @@
 
     python -m mile.evaluate --workdir W [--step N] [--mc task.jsonl ...] [--qa qa.jsonl ...]
         [--k-shot K] [--seed S] [--eval-batches N] [--cut-points 0.8,0.95] [--out FILE] [--overwrite]
+        [--tasks hellaswag,piqa --num-fewshot 5 --include-path DIR --batch-size 16]
 
 The command line and its orchestration; the work is done by ``mile.token_frequency`` (training
 counts and frequency buckets), ``mile.perplexity`` (per-token statistics, perplexity by bucket),
 ``mile.multiple_choice`` (log-likelihood scoring of task files) and ``mile.qa`` (closed-book QA).
-Perplexity is reported for both bucketings, ``cumulative`` and ``rank``.
+Perplexity is reported for both bucketings, ``cumulative`` and ``rank``. ``--tasks`` also runs
+lm-evaluation-harness tasks on the restored model (``mile.lm_eval``; needs requirements-eval.txt)
+and stores the harness's metrics under "harness".
 
 Output policy: results go to ``--out`` or ``<workdir>/eval/step_<N>.json``; an existing file is
 never overwritten unless ``--overwrite`` is given (checked right after the checkpoint is
@@ -66,6 +69,27 @@ def _perplexity(model, cfg, prepared, cut_points, eval_batches, stats_fn) -> tup
     return maps, bucket_perplexities(model, batches, maps, stats_fn=stats_fn)
 
 
+def _harness(model, tokenizer, args) -> dict[str, Any]:
+    """lm-evaluation-harness metrics per task on the already restored model (mile.lm_eval)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mile.lm_eval import MileLM
+
+    out = lm_eval.simple_evaluate(
+        model=MileLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        tasks=[t for t in args.tasks.split(",") if t],
+        num_fewshot=args.num_fewshot,
+        task_manager=TaskManager(include_path=args.include_path),
+        log_samples=False,
+    )
+    print(lm_eval.utils.make_table(out))
+    return {
+        task: {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+        for task, r in out["results"].items()
+    }
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from mile import data as mdata
     from mile.restore import load_trained_model
@@ -77,6 +101,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     qa_tasks = _read_tasks(args.qa, qa.load_examples)
     if args.k_shot < 0:
         raise ValueError(f"--k-shot={args.k_shot} must be >= 0.")
+    if args.tasks:
+        try:
+            import lm_eval  # noqa: F401  fail before the slow restore
+        except ImportError:
+            msg = "--tasks needs lm-evaluation-harness; pip install -r requirements-eval.txt."
+            raise ValueError(msg) from None
     if args.eval_batches is not None and args.eval_batches < 1:
         raise ValueError(f"--eval-batches={args.eval_batches} must be >= 1 (omit it for one full pass).")
 
@@ -111,6 +141,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     for name, examples in qa_tasks.items():
         r = result["qa"][name] = qa.evaluate_qa(model, prepared.tokenizer, examples, **shots)
         print(f"qa {name}: em={r['em']:.4f} n={r['n']}")
+    if args.tasks:
+        result["harness"] = _harness(model, prepared.tokenizer, args)
     write_json(out, result)
     print(f"wrote {out}")
     result["path"] = out
@@ -129,6 +161,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cut-points", default="0.8,0.95", help="bucket boundaries as occurrence/rank fractions")
     p.add_argument("--out", default=None, help="JSON output (default: <workdir>/eval/step_<N>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated (mile.lm_eval)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="harness shots (default: the task's)")
+    p.add_argument("--include-path", default=None, help="directory of local harness task YAML files")
+    p.add_argument("--batch-size", type=int, default=16, help="harness requests scored per batch")
     return p.parse_args(argv)
 
 

@@ -11,8 +11,11 @@ No weight permutation is needed: mile's RoPE rotates pairs (i, i + d/2) like HF 
 query heads share kv heads in the same grouping as HF's repeat_kv, and RMSNorm is the same
 float32 formula. tests/test_export.py checks HF logits against `Llama.logits`.
 
-Tokenizer: training never prepends BOS (documents are joined with EOS), so the exported
-tokenizer has add_bos_token false; evaluation should not add BOS either.
+Conditioning (mile.conditioning): training joins documents with EOS and never shows `<s>`, so
+a document starts after an EOS. The export says so the way GPT-2's files do: its begin-of-text
+token *is* EOS (`bos_token` "</s>", `bos_token_id` = eos id, `add_bos_token` true), so HF's
+tokenizer, `generate()` and lm-evaluation-harness's `--model hf` put the same one EOS in front
+of a request as mile's evaluator and harness backend do.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def hf_config(mcfg, sp: spm.SentencePieceProcessor) -> dict:
         # transformers < 5 reads torch_dtype, >= 5 reads dtype.
         "torch_dtype": "float32",
         "dtype": "float32",
-        "bos_token_id": sp.bos_id(),
+        "bos_token_id": sp.eos_id(),  # begin-of-text is EOS (module docstring)
         "eos_token_id": sp.eos_id(),
         "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None,
     }
@@ -122,7 +125,7 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
         return sp.id_to_piece(i) if i >= 0 else None
 
     special = {
-        "bos_token": piece(sp.bos_id()),
+        "bos_token": piece(sp.eos_id()),  # begin-of-text is EOS (module docstring)
         "eos_token": piece(sp.eos_id()),
         "unk_token": piece(sp.unk_id()),
     }
@@ -130,8 +133,8 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
         special["pad_token"] = piece(sp.pad_id())
     tok_cfg = {
         "tokenizer_class": "LlamaTokenizer",
-        # Training joined documents with EOS and never prepended BOS.
-        "add_bos_token": False,
+        # A request starts a document, and in training a document follows an EOS.
+        "add_bos_token": True,
         "add_eos_token": False,
         # SentencePiece's own add_dummy_prefix behaviour, without HF's legacy quirks.
         "legacy": False,
@@ -183,7 +186,7 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir) -> pathlib.Path:
         "config.json": hf_config(mcfg, sp),
         "tokenizer_config.json": tok_cfg,
         "special_tokens_map.json": special,
-        "generation_config.json": {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()},
+        "generation_config.json": {"bos_token_id": sp.eos_id(), "eos_token_id": sp.eos_id()},
     }
     for name, content in files.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")

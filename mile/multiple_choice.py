@@ -8,13 +8,9 @@ A task file is JSONL, one example per line::
 the options differ in the context and the continuation is shared). ``gold`` indexes
 ``choices``. Each choice's score is the summed log-likelihood of its continuation tokens:
 
-* Tokenisation: the sequence is ``[EOS] + encode(context + choice)`` (EOS: a document start,
-  as in training, where documents follow an EOS separator). The continuation tokens are those
-  of the whole encoding beyond its longest common prefix with ``encode(context)``. We encode
-  the whole, not the two halves separately, because this SentencePiece model adds a dummy
-  "▁" prefix: ``encode(" yes")`` alone would give "▁▁yes", a token sequence never seen in
-  training. When pieces merge across the boundary, the merged piece is scored with the
-  continuation (so a choice may carry a few characters of the context's tail).
+* Tokenisation: ``mile.conditioning`` (one EOS in front, the harness's split of context and
+  continuation), so this scorer, ``python -m mile.lm_eval`` and the HF export through the
+  harness score the same tokens.
 * ``acc``: argmax of the summed log-likelihood; ``acc_norm``: argmax of log-likelihood / number
   of characters in the choice (lm-eval's length normalisation). Ties go to the lower index.
 * k-shot: ``k`` examples drawn by ``mile.fewshot.draw_shots`` (seed ``[seed, example index]``,
@@ -25,17 +21,19 @@ the options differ in the context and the continuation is shared). ``gold`` inde
   Attention is causal, so right padding never changes a score. Too long contexts are cut from
   the left.
 
-``convert_task`` maps records of common benchmarks (HF datasets layouts) to this schema with
-lm-eval's prompts, one small converter per layout in ``TASK_CONVERTERS``.
+Benchmarks (HellaSwag, PIQA, ...) run in lm-evaluation-harness with its own prompts
+(``python -m mile.lm_eval``); this scorer is the harness-free check on local task files, and
+``mile.lm_eval.write_mc_task`` turns such a file into a harness task.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mile.conditioning import split_request
 from mile.fewshot import draw_shots
 from mile.jsonl import read_records
 from mile.perplexity import make_stats_fn
@@ -97,29 +95,18 @@ def few_shot_prefix(
     return "".join(_shot_text(ex) for ex in draw_shots(examples, index, k_shot, seed, shot_pool))
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode_request(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
-    """(token ids incl. leading EOS, number of trailing continuation tokens), left-truncated to
-    ``max_len + 1`` tokens (model inputs are the first ``max_len``)."""
-    ctx = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
-    n_cont = len(whole) - _common_prefix(ctx, whole)
-    if n_cont == 0:
+    """(token ids incl. leading EOS, number of trailing continuation tokens), split by
+    mile.conditioning (the harness's cut) and left-truncated to ``max_len + 1`` tokens (model
+    inputs are the first ``max_len``)."""
+    ctx, cont = split_request(tokenizer, context, continuation)
+    if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens; give non-empty choices.")
-    if n_cont > max_len:
+    if len(cont) > max_len:
         raise ValueError(
-            f"continuation has {n_cont} tokens, more than max_seq_len={max_len}; shorten the choices."
+            f"continuation has {len(cont)} tokens, more than max_seq_len={max_len}; shorten the choices."
         )
-    ids = [tokenizer.eos_id] + whole
-    return ids[-(max_len + 1) :], n_cont
+    return (ctx + cont)[-(max_len + 1) :], len(cont)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,85 +181,3 @@ def format_mc_table(results: Mapping[str, dict]) -> str:
     for name, r in results.items():
         lines.append(f"{name:<24}{r['n']:>6}{r['k_shot']:>4}{r['acc']:>8.4f}{r['acc_norm']:>10.4f}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Converters from common benchmark layouts to {"context", "choices", "gold"} (lm-eval prompts).
-# ---------------------------------------------------------------------------------------------
-
-
-def _spaced(context: str | list[str], choices: Sequence[str], gold: int) -> dict:
-    """An example whose choices follow the context after one space, as lm-eval's prompts have it."""
-    return {"context": context, "choices": [" " + c for c in choices], "gold": gold}
-
-
-def _letter_index(labels: Sequence[str], key: str) -> int:
-    return list(labels).index(str(key))
-
-
-def _hellaswag(r: Mapping[str, Any]) -> dict:
-    ctx = f"{r['activity_label']}: {r['ctx']}" if r.get("activity_label") else r["ctx"]
-    return _spaced(ctx, r["endings"], int(r["label"]))
-
-
-def _piqa(r: Mapping[str, Any]) -> dict:
-    return _spaced(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"]))
-
-
-def _winogrande(r: Mapping[str, Any]) -> dict:
-    # Partial scoring: each option fills the blank in the context; the text after the blank is
-    # the shared continuation, so acc and acc_norm agree.
-    sentence = r["sentence"]
-    cut = sentence.index("_")
-    rest = sentence[cut + 1 :].strip()
-    contexts = [sentence[:cut] + r["option1"], sentence[:cut] + r["option2"]]
-    return _spaced(contexts, [rest, rest], int(r["answer"]) - 1)
-
-
-def _arc(r: Mapping[str, Any]) -> dict:
-    ch = r["choices"]
-    context = f"Question: {r['question']}\nAnswer:"
-    return _spaced(context, ch["text"], _letter_index(ch["label"], r["answerKey"]))
-
-
-def _openbookqa(r: Mapping[str, Any]) -> dict:
-    ch = r["choices"]
-    return _spaced(r["question_stem"], ch["text"], _letter_index(ch["label"], r["answerKey"]))
-
-
-def _boolq(r: Mapping[str, Any]) -> dict:
-    context = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
-    return _spaced(context, ["no", "yes"], int(bool(r["answer"])))
-
-
-def _siqa(r: Mapping[str, Any]) -> dict:
-    context = f"Question: {r['context']} {r['question']}\nAnswer:"
-    return _spaced(context, [r[k] for k in ("answerA", "answerB", "answerC")], int(r["label"]) - 1)
-
-
-def _storycloze(r: Mapping[str, Any]) -> dict:
-    story = " ".join(r[f"input_sentence_{i}"] for i in range(1, 5))
-    return _spaced(story, [r["sentence_quiz1"], r["sentence_quiz2"]], int(r["answer_right_ending"]) - 1)
-
-
-# Layout name -> converter; the error for an unknown name lists these keys.
-TASK_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], dict]] = {
-    "hellaswag": _hellaswag,
-    "piqa": _piqa,
-    "winogrande": _winogrande,
-    "arc": _arc,
-    "openbookqa": _openbookqa,
-    "boolq": _boolq,
-    "siqa": _siqa,
-    "storycloze": _storycloze,
-}
-_TASK_ALIASES = {"arc_easy": "arc", "arc_challenge": "arc"}  # both ARC sets share one layout
-
-
-def convert_task(name: str, record: Mapping[str, Any]) -> dict:
-    """One record of a known benchmark (HF datasets layout) -> a task-file example."""
-    name = name.lower()
-    convert = TASK_CONVERTERS.get(_TASK_ALIASES.get(name, name))
-    if convert is None:
-        raise ValueError(f"unknown task layout {name!r}; use one of {', '.join(TASK_CONVERTERS)}.")
-    return convert(record)

@@ -6,24 +6,25 @@ Task file: JSONL, one example per line::
 
 `answers` is the alias list (an example scores 1 if the normalised prediction equals any
 normalised alias); answers[0] is the canonical answer, used as the target in k-shot prompts.
-`convert_record` maps TriviaQA rc.nocontext, WebQuestions and NQ-Open records to it.
+TriviaQA, WebQuestions and NQ-Open themselves run in lm-evaluation-harness (python -m mile.lm_eval).
 
 Prompt: k shots "Q: {q}\\nA: {a}\\n\\n", then "Q: {question}\\nA:". The shots follow the rule
 multiple choice uses (mile.fewshot.draw_shots): drawn without replacement, seeded by
-[seed, example index], from `shots_pool` when given, else from the task's other examples. No BOS is prepended (training
-never sees one). The model generates greedily; the decoded text is cut at the first
-newline, period or comma and compared after `normalize_answer`.
+[seed, example index], from `shots_pool` when given, else from the task's other examples.
+The prompt is conditioned on one EOS in front (mile.conditioning). The model generates
+greedily; the decoded text is cut at the first newline, period or comma and compared after
+`normalize_answer`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
 import unicodedata
-from typing import Iterable, Sequence
+from typing import Sequence
 
+from mile.conditioning import encode_document
 from mile.fewshot import draw_shots
 from mile.jsonl import read_records
 from mile.generate import greedy_generate
@@ -101,7 +102,7 @@ def evaluate_qa(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
             f"model.max_seq_len={model.config.max_seq_len}; lower max_new_tokens"
         )
-    encoded = [tokenizer.encode(p)[-room:] for p in prompts]
+    encoded = [encode_document(tokenizer, p)[-room:] for p in prompts]
     eos = tokenizer.eos_id
     pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
 
@@ -142,54 +143,7 @@ def load_examples(path: str | os.PathLike) -> list[dict]:
         if not isinstance(ex.get("question"), str) or not isinstance(answers, list) or not answers:
             raise ValueError(
                 f"{where} needs 'question' (str) and a non-empty 'answers' list; "
-                "convert it with mile.qa.convert_record"
+                "fix the task file"
             )
         examples.append({"question": ex["question"], "answers": list(answers)})
     return examples
-
-
-def _field(record: dict, dotted: str):
-    """record['a']['b'] or a flattened record['a.b'] (both layouts appear in exports)."""
-    if dotted in record:
-        return record[dotted]
-    value = record
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
-def convert_record(record: dict, source: str) -> dict:
-    """Map one source record to {"question", "answers"}.
-
-    source: "triviaqa" (rc.nocontext: question, answer.value, answer.aliases,
-    answer.normalized_aliases), "webquestions" (question, answers) or "nq_open"
-    (question, answer: list of strings).
-    """
-    if source == "triviaqa":
-        answers = [_field(record, "answer.value")]
-        answers += list(_field(record, "answer.aliases") or [])
-        answers += list(_field(record, "answer.normalized_aliases") or [])
-    elif source == "webquestions":
-        answers = list(record.get("answers") or [])
-    elif source == "nq_open":
-        answer = record.get("answer")
-        answers = [answer] if isinstance(answer, str) else list(answer or [])
-    else:
-        raise ValueError(f"unknown QA source {source!r}; expected triviaqa, webquestions or nq_open")
-    # Keep order (answers[0] is the shot target) and drop empties and duplicates.
-    answers = list(dict.fromkeys(a for a in answers if a))
-    if not answers:
-        raise ValueError(f"{source} record {record.get('question')!r} has no answer; drop it")
-    return {"question": record["question"], "answers": answers}
-
-
-def convert_jsonl(records: Iterable[dict], dst: str | os.PathLike, source: str) -> int:
-    """Write converted records (e.g. a HF `datasets` split iterated as dicts) to a task file."""
-    count = 0
-    with open(dst, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(convert_record(record, source), ensure_ascii=False) + "\n")
-            count += 1
-    return count

@@ -2,13 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from model_helpers import tiny_model_config
-from train_helpers import tiny_config
+from train_helpers import REPO as REPO_ROOT, tiny_config
 
 from mile import data as mdata
 from mile import evaluate as E
@@ -240,56 +242,17 @@ def test_k_shot_is_deterministic_with_the_seed(trained, model, stats_fn):
         MC.few_shot_prefix(examples, 0, 6, seed=0)
 
 
-def test_convert_task_layouts():
-    c = MC.convert_task
-    assert c(
-        "hellaswag", {"activity_label": "Cooking", "ctx": "He cuts", "endings": ["a", "b"], "label": "1"}
-    ) == {"context": "Cooking: He cuts", "choices": [" a", " b"], "gold": 1}
-    assert c("piqa", {"goal": "g", "sol1": "x", "sol2": "y", "label": 0})["context"] == "Question: g\nAnswer:"
-    w = c(
-        "winogrande", {"sentence": "Tom gave _ the ball.", "option1": "Ann", "option2": "Bob", "answer": "2"}
-    )
-    assert w == {
-        "context": ["Tom gave Ann", "Tom gave Bob"],
-        "choices": [" the ball.", " the ball."],
-        "gold": 1,
-    }
-    arc = {"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}
-    assert c("arc_easy", arc)["gold"] == 2
-    obqa = {"question_stem": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
-    assert c("openbookqa", obqa) == {"context": "q", "choices": [" a", " b"], "gold": 1}
-    assert c("boolq", {"passage": "p", "question": "q", "answer": True})["gold"] == 1
-    assert (
-        c(
-            "siqa",
-            {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "x", "label": "3"},
-        )["gold"]
-        == 2
-    )
-    story = {f"input_sentence_{i}": f"s{i}." for i in range(1, 5)}
-    story.update(sentence_quiz1="e1", sentence_quiz2="e2", answer_right_ending=1)
-    assert c("storycloze", story) == {"context": "s1. s2. s3. s4.", "choices": [" e1", " e2"], "gold": 0}
-    for ex in (w, c("boolq", {"passage": "p", "question": "q", "answer": False})):
-        MC._check_example(ex, "converted")
-    with pytest.raises(ValueError, match="unknown task"):
-        c("mmlu", {})
-
-
 def test_winogrande_partial_scoring_matches_hand_computation(trained, model, stats_fn):
     """Partial scoring: each option fills the blank in the context and the shared rest of the
     sentence is scored, so every choice has the same length and acc_norm is acc. Scored with the
     length-flipping example above, acc and acc_norm must then differ by exactly that example."""
     tok = trained[1].tokenizer
-    wino = MC.convert_task(
-        "winogrande",
-        {
-            "sentence": "The lord spoke to _ in the land.",
-            "option1": "moses",
-            "option2": "aaron",
-            "answer": "1",
-        },
-    )
-    assert wino["context"] == ["The lord spoke to moses", "The lord spoke to aaron"]
+    # "The lord spoke to _ in the land." with the options moses / aaron, gold moses.
+    wino = {
+        "context": ["The lord spoke to moses", "The lord spoke to aaron"],
+        "choices": [" in the land.", " in the land."],
+        "gold": 0,
+    }
     hand = [_hand_loglik(model, tok, ctx, " in the land.") for ctx in wino["context"]]
     wino_right = float(np.argmax(hand) == 0)
     res = MC.score_multiple_choice(model, tok, [wino], stats_fn=stats_fn)
@@ -439,3 +402,44 @@ def test_cli_closed_book_qa(trained, tmp_path, capsys, monkeypatch):
     assert E.main(argv + ["--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{qa}:1" in err[0] and "answers" in err[0]
+
+
+def test_harness_cli_on_the_workdir_matches_mile_evaluate(trained, tmp_path):
+    """python -m mile.lm_eval --model mile on a trained workdir (own process, the harness's own
+    CLI, a local task file) gives the log-likelihoods and acc of mile.evaluate --mc on that file."""
+    pytest.importorskip("lm_eval", reason="needs requirements-eval.txt")
+    from mile import lm_eval as MLE
+
+    _, _, workdir = trained
+    TASK = "mile_cli_mc"
+    data = tmp_path / f"{TASK}.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in _examples(8)))
+    MLE.write_mc_task(tmp_path / "tasks", TASK, data)
+    out = tmp_path / "own.json"
+    argv = ["--workdir", str(workdir), "--mc", str(data), "--eval-batches", "1", "--out", str(out)]
+    argv += ["--tasks", TASK, "--include-path", str(tmp_path / "tasks"), "--batch-size", "8"]
+    assert E.main(argv) == 0
+    result = json.loads(out.read_text())
+    own = result["mc"][TASK]
+    assert len({tuple(ll) for ll in own["loglik"]}) > 1  # examples really differ
+
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [
+        sys.executable, "-m", "mile.lm_eval", "--model", "mile",
+        "--model_args", f"workdir={workdir},step=2", "--batch_size", "8",
+        "--tasks", TASK, "--include_path", str(tmp_path / "tasks"),
+        "--output_path", str(tmp_path / "out"), "--log_samples",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples_file,) = list((tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl"))
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples.sort(key=lambda s: s["doc_id"])
+    harness_ll = np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
+    np.testing.assert_allclose(harness_ll, own["loglik"], rtol=0, atol=1e-4)
+    (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
+    metrics = json.loads(results_file.read_text())["results"][TASK]
+    assert metrics["acc,none"] == own["acc"] and metrics["acc_norm,none"] == own["acc_norm"]
+    # mile.evaluate --tasks: the same harness run in-process on the model it restored.
+    assert result["harness"][TASK]["acc,none"] == own["acc"]
+    assert result["harness"][TASK]["acc_norm,none"] == own["acc_norm"]

@@ -60,7 +60,7 @@ def test_hf_logits_match(tmp_path, tokenizer, scan_layers):
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["architectures"] == ["LlamaForCausalLM"]
     assert (hf_cfg["num_key_value_heads"], hf_cfg["vocab_size"]) == (2, MODEL_VOCAB)
-    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (1, 2, 3)
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (2, 2, 3)  # begin = EOS
 
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.dtype == torch.float32
@@ -79,19 +79,21 @@ def test_hf_tokenizer_matches(tmp_path, tokenizer):
     out = export.export_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, tokenizer.path, tmp_path / "hf")
     assert (out / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 3)
+    # Begin-of-text is EOS (mile.conditioning): a document starts after an EOS in training.
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (2, 2, 3)
     for text in [
         "In the beginning God created the heaven and the earth.",
         "Day 123,  night\n\ntree   fruit",
         "Naïve Ünïcödé ☃ 漢字 (byte fallback)",
     ]:
         ids = hf_tok(text)["input_ids"]
-        assert ids == tokenizer.encode(text), text  # no BOS: training never prepended it
-        assert hf_tok.decode(ids) == text
+        assert ids == [2] + tokenizer.encode(text), text  # one EOS in front, never <s>
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+        assert hf_tok.decode(ids, skip_special_tokens=True) == text
     # Known difference: for text that already starts with a space, SentencePiece still adds
     # its dummy-prefix "▁" (an extra token) but HF's Metaspace pre-tokenizer does not.
     text = " the earth"
-    assert tokenizer.encode(text)[1:] == hf_tok(text)["input_ids"]
+    assert tokenizer.encode(text)[1:] == hf_tok(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.processor.id_to_piece(tokenizer.encode(text)[0]) == "▁"
 
 

@@ -109,27 +109,10 @@ def test_k_shot_without_a_pool_uses_the_multiple_choice_rule():
     assert prompts != qa.build_prompts(EXAMPLES, k_shot=2, seed=6)
 
 
-def test_converters(tmp_path):
-    trivia = {
-        "question": "Q1",
-        "answer": {"value": "Paris", "aliases": ["Paris", "Paree"], "normalized_aliases": ["paris", "paree"]},
-    }
-    assert qa.convert_record(trivia, "triviaqa") == {
-        "question": "Q1",
-        "answers": ["Paris", "Paree", "paris", "paree"],
-    }
-    flat = {"question": "Q1", "answer.value": "Paris", "answer.aliases": ["P"]}
-    assert qa.convert_record(flat, "triviaqa")["answers"] == ["Paris", "P"]
-    assert qa.convert_record({"question": "Q2", "answers": ["a", "b"], "url": "u"}, "webquestions") == {
-        "question": "Q2",
-        "answers": ["a", "b"],
-    }
-    assert qa.convert_record({"question": "Q3", "answer": ["x"]}, "nq_open")["answers"] == ["x"]
-    with pytest.raises(ValueError, match="unknown QA source"):
-        qa.convert_record(trivia, "squad")
+def test_load_examples_rejects_a_line_without_answers(tmp_path):
     path = tmp_path / "task.jsonl"
-    assert qa.convert_jsonl([trivia, flat], path, "triviaqa") == 2
-    assert [e["question"] for e in qa.load_examples(path)] == ["Q1", "Q1"]
+    path.write_text(json.dumps({"question": "Q1", "answers": ["Paris"]}) + "\n")
+    assert qa.load_examples(path) == [{"question": "Q1", "answers": ["Paris"]}]
     path.write_text(json.dumps({"question": "Q"}) + "\n")
     with pytest.raises(ValueError, match="answers"):
         qa.load_examples(path)
@@ -175,7 +158,8 @@ def test_evaluate_qa_plumbing(monkeypatch):
 
 
 def test_evaluate_qa_end_to_end():
-    """A tiny random model: predictions equal a direct greedy_generate, scoring is consistent."""
+    """A tiny random model: predictions equal a direct greedy_generate from EOS + prompt (the
+    conditioning rule), scoring is consistent."""
     cfg = tiny_model_config(vocab_size=128, num_layers=1, max_seq_len=128, init_std=0.3)  # ASCII ids
     model = Llama(cfg, rngs=nnx.Rngs(0))
     tok = CharTokenizer()
@@ -185,7 +169,7 @@ def test_evaluate_qa_end_to_end():
     prompts = qa.build_prompts(EXAMPLES, k_shot=1, seed=3, shots_pool=POOL)
     assert tok.encoded == prompts
     direct = greedy_generate(
-        model, [tok.encode(p) for p in prompts], max_new_tokens=6, pad_id=tok.pad_id, stop_ids={tok.eos_id}
+        model, [[tok.eos_id] + tok.encode(p) for p in prompts], max_new_tokens=6, pad_id=tok.pad_id, stop_ids={tok.eos_id}
     )
     for pred, ids in zip(result["predictions"], direct):
         assert pred["prediction"] == qa.cut_at_stop(tok.decode(ids))

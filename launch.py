@@ -1,7 +1,7 @@
 """Train a MiLe/focal/CE language model.
 
     python launch.py --config configs/cpu.py --workdir workdirs/cpu
-    python launch.py --config configs/paper.py:468m,mile --workdir gs://... --config.mesh.fsdp=-1
+    python launch.py --config configs/paper.py:468m,mile --workdir /mnt/shared/468m --config.mesh.fsdp=-1
 
 Run the same command again to resume from the workdir's latest checkpoint. Exit codes: 0 done,
 2 bad input, 75 stopped by SIGTERM/SIGINT after saving (rerun to resume), 124 a step hung. On a TPU pod or GPU

@@ -25,7 +25,7 @@ from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.preemption import PREEMPTED_EXIT_CODE
 from multiprocess_helpers import REPO, Job
-from train_helpers import tiny_config
+from train_helpers import tiny_config, tiny_launch_argv
 
 STEPS = 16
 # Checkpoints every 4 steps; evaluation only after the last step (it still runs once).
@@ -46,23 +46,7 @@ def _config(root, **more):
 
 
 def _launch_argv(root, workdir, script="launch.py"):
-    cfg = _config(root)
-    overrides = {
-        "data.source": "text",
-        "data.text_files": cfg.data.text_files[0],
-        "data.vocab_size": cfg.data.vocab_size,
-        "model.vocab_size": cfg.model.vocab_size,
-        "data.validation_every": cfg.data.validation_every,
-        "data.cache_dir": cfg.data.cache_dir,
-        **OVERRIDES,
-    }
-    return [
-        os.path.join(REPO, script),
-        "--config",
-        os.path.join(REPO, "configs/tiny.py"),
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]
+    return tiny_launch_argv(root, workdir, OVERRIDES, script)
 
 
 def _committed_steps(workdir):

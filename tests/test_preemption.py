@@ -21,7 +21,7 @@ from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.preemption import PREEMPTED_EXIT_CODE, Preempted
 from mile.watchdog import HANG_EXIT_CODE, AUTO_MIN_S, HangLimits, Watchdog
-from train_helpers import REPO, tiny_config
+from train_helpers import REPO, tiny_config, tiny_launch_argv
 
 STEPS = 8
 OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": 4, "train.eval_every": 100}
@@ -115,23 +115,7 @@ def test_signal_stops_with_a_checkpoint_and_the_rerun_is_bit_identical(root, str
 
 
 def _launch_argv(root, workdir):
-    cfg = _config(root)
-    overrides = {
-        "data.source": "text",
-        "data.text_files": cfg.data.text_files[0],
-        "data.vocab_size": cfg.data.vocab_size,
-        "model.vocab_size": cfg.model.vocab_size,
-        "data.validation_every": cfg.data.validation_every,
-        "data.cache_dir": cfg.data.cache_dir,
-        **OVERRIDES,
-    }
-    return [
-        os.path.join(REPO, "tests", "launch_with_faults.py"),
-        "--config",
-        os.path.join(REPO, "configs/tiny.py"),
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]
+    return tiny_launch_argv(root, workdir, OVERRIDES, "tests/launch_with_faults.py")
 
 
 def _start(root, workdir, *flags, **env):

@@ -1,9 +1,10 @@
 """Train a MiLe/focal/CE language model.
 
     python launch.py --config configs/cpu.py --workdir workdirs/cpu
-    python launch.py --config configs/paper.py:468m,mile --workdir gs://... --config.mesh.fsdp=-1
+    python launch.py --config configs/paper.py:468m,mile --workdir /mnt/shared/468m --config.mesh.fsdp=-1
 
-Run the same command again to resume from the workdir's latest checkpoint. On a TPU pod or GPU
+Run the same command again to resume from the workdir's latest checkpoint. Exit codes: 0 done,
+2 bad input, 75 stopped by SIGTERM/SIGINT after saving (rerun to resume), 124 a step hung. On a TPU pod or GPU
 cluster run the same command on every host (jax.distributed is initialised when multi-process).
 Without a cluster manager, tell each process where the others are (README: Multi-host):
 
@@ -104,12 +105,16 @@ def _parse_flags(argv):
 
 def run():
     """app.run, with bad input reported as one line instead of a traceback."""
-    from mile.train import TrainingError
+    from mile.preemption import PREEMPTED_EXIT_CODE
+    from mile.train import Preempted, TrainingError
 
     try:
         app.run(main, flags_parser=_parse_flags)
     except (ValueError, TrainingError) as e:
         _fail(str(e))
+    except Preempted as e:  # SIGTERM / SIGINT: the checkpoint is saved; the same command resumes
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

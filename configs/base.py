@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             max_nonfinite_steps=3,  # stop after this many consecutive non-finite losses
             distributed="auto",  # "auto" | "yes" | "no": call jax.distributed.initialize()
+            # A step, evaluation or save taking longer is a hang: stacks dumped, exit 124 (mile.watchdog).
+            hang_timeout_s=0.0,  # 0 = automatic: 20 x the median step once 5 are timed, >= 600 s
+            startup_timeout_s=3600.0,  # the limit for the first of each (they compile)
+            profile_steps="",  # "START,END": jax.profiler trace of those steps in workdir/profile
         )
     )
 

@@ -81,13 +81,21 @@ def _is_abandoned_read_noise(unraisable) -> bool:
 
 
 class _AbandonedReadFilter(logging.Filter):
-    """Drops asyncio's "Future/Task exception was never retrieved" for an abandoned tensorstore read."""
+    """Drops asyncio's reports about an abandoned tensorstore read: its exception never retrieved,
+    or (when the machine is busy and the read had not finished when orbax gave up) its task
+    destroyed while still pending. Which of them appears depends on timing, so all are dropped."""
 
-    _UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+    _KINDS = (
+        "Future exception was never retrieved",
+        "Task exception was never retrieved",
+        "Task was destroyed but it is pending",
+    )
+    _ABANDONED_READ = ("tensorstore_spec", "_read_array_index_and_device_put", "_read_and_create_array")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith(self._UNRETRIEVED) and "tensorstore_spec" in str(exc))
+        message = record.getMessage()
+        text = message + str(record.exc_info[1] if record.exc_info else "")
+        return not (message.startswith(self._KINDS) and any(m in text for m in self._ABANDONED_READ))
 
 
 def _quiet_abandoned_reads() -> None:

@@ -19,20 +19,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mile import atomic, fields, multihost
+from mile import atomic, fields, multihost, profiler
 from mile import data as mdata
-from mile import flops as mflops
 from mile import losses as L
 from mile import sharding as msharding
 from mile.checkpoint import Checkpointer, checkpoint_dir, config_mismatch
-from mile.metrics import MetricsWriter, ProgressBar
+from mile.preemption import Preempted, Preemption
 from mile.restore import existing_checkpoint, resume
 from mile.state import OptimConfig, build_state, state_builder
 from mile.step import LOSS_HEADS, jit_eval_step, jit_train_step
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. repeated non-finite losses); the message says why."""
+from mile.steplog import LateMetrics, NonfiniteGuard, Throughput, TrainingError, TrainLog
+from mile.watchdog import HangLimits, Watchdog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +44,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite steps
     distributed: str = "auto"  # "auto" | "yes" | "no": call jax.distributed.initialize()
+    # A step, evaluation or save that takes longer is a hang (mile.watchdog): 0 = automatic.
+    hang_timeout_s: float = 0.0
+    startup_timeout_s: float = 3600.0  # the same for the first of each (compilation included)
+    profile_steps: str = ""  # "START,END": a jax.profiler trace of those steps (mile.profiler)
 
     @classmethod
     def from_cfg(cls, cfg) -> "TrainConfig":
@@ -58,6 +59,9 @@ class TrainConfig:
                 why = " (0 would delete every checkpoint)" if f.name == "keep_checkpoints" else ""
                 fields.whole_number(f"train.{f.name}", getattr(self, f.name), why=why)
         fields.one_of("train.distributed", self.distributed, ("auto", "yes", "no"))
+        fields.finite_number("train.hang_timeout_s", self.hang_timeout_s, 0.0)
+        fields.finite_number("train.startup_timeout_s", self.startup_timeout_s, 0.0, low_ok=False)
+        profiler.parse_steps(self.profile_steps)
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -273,82 +277,6 @@ def evaluate(eval_step, state, run: Run, num_streams: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-class StepLog:
-    """Reads each step's metrics one step late, so the host never waits on the device; counts
-    consecutive non-finite steps; writes a train row (with throughput and MFU) when one is due."""
-
-    def __init__(self, cfg, workdir: str, start_step: int, *, enabled: bool):
-        self._train = TrainConfig.from_cfg(cfg.train)
-        # Rows past the restored step describe steps that are about to be redone: drop them.
-        self.writer = MetricsWriter(workdir, enabled=enabled, resume_step=start_step)
-        self.bar = ProgressBar(self._train.steps, initial_step=start_step, enabled=enabled)
-        if self.writer.dropped_rows:
-            self.bar.write(
-                f"metrics.jsonl: dropped {self.writer.dropped_rows} rows past step {start_step} (they are redone)"
-            )
-        self._tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-        # Model FLOPs utilisation: achieved model TFLOP/s per device, and MFU against the device
-        # kind's published peak where mile.flops knows it (accelerators; not the CPU).
-        self._flops_per_token = mflops.model_flops_per_token(cfg.model, cfg.data.seq_len)
-        self._chip = mflops.chip_for_device_kind(jax.devices()[0].device_kind)
-        self.nonfinite = 0
-        self.last: dict[str, float] = {}
-        self._pending = None  # (step, metrics) dispatched but not yet read
-        self._window_start, self._window_steps = time.perf_counter(), 0
-
-    def add(self, step: int, metrics, *, now: bool) -> None:
-        """Queue `step`'s metrics and read the previous step's; `now` reads this one too."""
-        self.flush()
-        self._pending = (step, metrics)
-        if now:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._pending is not None:
-            self._read(*self._pending)
-            self._pending = None
-
-    def _read(self, step: int, metrics) -> None:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        self._count_nonfinite(step, m.pop("finite") >= 1, m["loss"])
-        self._window_steps += 1
-        self.last = m
-        if due(step, self._train.log_every, self._train.steps):
-            elapsed = time.perf_counter() - self._window_start
-            m["tokens_per_s"] = self._window_steps * self._tokens_per_step / max(elapsed, 1e-9)
-            m["tflops_per_device"] = m["tokens_per_s"] * self._flops_per_token / jax.device_count() / 1e12
-            if self._chip is not None:
-                m["mfu"] = m["tflops_per_device"] * 1e12 / self._chip.peak_bf16_flops
-            self.writer.write(step, m, prefix="train")
-            self.bar.update(step, loss=m["loss"], ce=m["ce"], tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
-            self._window_start, self._window_steps = time.perf_counter(), 0
-
-    def _count_nonfinite(self, step: int, finite: bool, loss: float) -> None:
-        if finite:
-            self.nonfinite = 0
-            return
-        self.nonfinite += 1
-        limit = self._train.max_nonfinite_steps
-        self.bar.write(
-            f"step {step}: non-finite loss ({loss}), gradient or update; step skipped ({self.nonfinite}/{limit})"
-        )
-        if self.nonfinite >= limit:
-            raise TrainingError(
-                f"{self.nonfinite} consecutive non-finite steps ending at step {step}; stopped without "
-                "saving (the last good checkpoint is kept). Lower --config.optim.learning_rate or "
-                "raise --config.train.max_nonfinite_steps"
-            )
-
-    def eval(self, step: int, result: dict[str, float]) -> None:
-        self.writer.write(step, result, prefix="eval")
-        self.bar.write(f"step {step}: validation CE {result['ce']:.4f}, perplexity {result['perplexity']:.2f}")
-        self.last.update({f"eval_{k}": v for k, v in result.items()})
-
-    def close(self) -> None:
-        self.bar.close()
-        self.writer.close()
-
-
 def _save_config_once(cfg, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
@@ -356,11 +284,18 @@ def _save_config_once(cfg, workdir: str) -> None:
         atomic.write_text(path, cfg.to_json_best_effort(indent=2))
 
 
+def _hang_report(workdir: str):
+    """Where the watchdog leaves its report: one file per process in the workdir."""
+    path = os.path.join(workdir, f"hang.process{jax.process_index()}.txt")
+    return lambda text: atomic.write_text(path, text)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last metrics.
 
-    `stop_at` ends the run after that step with a checkpoint, as a preempted job would; running
-    again resumes exactly where it stopped.
+    `stop_at` ends the run after that step with a checkpoint; running again resumes exactly where
+    it stopped. SIGTERM or SIGINT stops every process at one agreed step, saves it and raises
+    `Preempted` (mile.preemption); a region that hangs ends the process (mile.watchdog).
     """
     run = prepare_run(cfg, workdir)
     t = TrainConfig.from_cfg(cfg.train)
@@ -375,21 +310,65 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jit_train_step(cfg, run.graphdef, run.spec, run.mesh, state_shardings)
     eval_step = jit_eval_step(cfg, run.graphdef, run.mesh, state_shardings)
-    log = StepLog(cfg, workdir, run.start_step, enabled=primary)
+    log = TrainLog(workdir, t.steps, run.start_step, enabled=primary)
+    late, guard, rate = LateMetrics(), NonfiniteGuard(t.max_nonfinite_steps, log.say), Throughput(cfg)
+    profile = profiler.StepProfiler(
+        profiler.parse_steps(t.profile_steps), os.path.join(workdir, "profile"), enabled=primary
+    )
+    limits = HangLimits(t.hang_timeout_s, t.startup_timeout_s)
+
+    def record(step: int, m: dict[str, float]) -> None:
+        guard.check(step, m)  # raises after too many non-finite steps in a row
+        rate.count()
+        m = {k: v for k, v in m.items() if k != "finite"}
+        if due(step, t.log_every, t.steps):
+            m.update(rate.rates())
+            log.train(step, m)
+        log.last = m
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, data_state={"streams": batches.get_state()}, config=config_dict)
+
+    watchdog = Watchdog(_hang_report(workdir))
     try:
-        with jax.set_mesh(run.mesh):
+        with jax.set_mesh(run.mesh), Preemption() as preemption:
             for step in range(run.start_step + 1, last_step + 1):
-                state, metrics = train_step(state, next(batches))
-                # Validation belongs to the end of training; a checkpoint also to where this run stops.
-                eval_due = due(step, t.eval_every, t.steps)
-                save_due = due(step, t.checkpoint_every, last_step)
-                log.add(step, metrics, now=eval_due or save_due)
+                started = time.perf_counter()
+                with watchdog.watch(f"step {step}", limits.limit("step")):
+                    profile.before(step)
+                    state, metrics = train_step(state, next(batches))
+                    stop = preemption.reached(step)  # every process answers the same for a step
+                    # Validation belongs to the end of training; a checkpoint also to where this run stops.
+                    eval_due = due(step, t.eval_every, t.steps)
+                    save_due = due(step, t.checkpoint_every, last_step) or stop
+                    previous = late.push(step, metrics)  # read one step late: the device stays busy
+                    if previous is not None:
+                        record(*previous)
+                    if eval_due or save_due:
+                        record(*late.take())  # this step's own metrics: the save rule below needs them
+                    profile.after(step, metrics)
+                limits.record_step(time.perf_counter() - started)
                 if eval_due:
-                    log.eval(step, evaluate(eval_step, state, run, batches.num_streams))
-                if save_due and log.nonfinite == 0:  # only a state reached by a finite step is kept
-                    checkpointer.save(step, state, data_state={"streams": batches.get_state()}, config=config_dict)
-            log.flush()
+                    with watchdog.watch(f"evaluation at step {step}", limits.limit("evaluation")):
+                        log.eval(step, evaluate(eval_step, state, run, batches.num_streams))
+                # Only a state reached by a finite step is saved: a non-finite step was skipped,
+                # and its state must not pass for the step's result.
+                if save_due and guard.finite:
+                    with watchdog.watch(f"checkpoint save at step {step}", limits.limit("save")):
+                        save(step)
+                if stop and step < last_step:  # stopping at the last step is just the end
+                    log.say(f"preempted ({preemption.signal_name or 'another process'}): stopping after step {step}")
+                    with watchdog.watch(f"preemption save of step {step}", limits.limit("final save")):
+                        checkpointer.wait()
+                    raise Preempted(step, saved=guard.finite)
+            previous = late.take()
+            if previous is not None:
+                record(*previous)
+            with watchdog.watch("the last checkpoint save", limits.limit("final save")):
+                checkpointer.wait()
     finally:
+        profile.stop()
         checkpointer.close()
         log.close()
+        watchdog.close()
     return log.last

@@ -30,10 +30,11 @@ def free_port() -> int:
 class Job:
     """`num_processes` copies of `argv` + --coordinator_address/--num_processes/--process_id."""
 
-    def __init__(self, argv, *, num_processes, log_dir, compile_cache=None, join_timeout_s=60):
+    def __init__(self, argv, *, num_processes, log_dir, compile_cache=None, join_timeout_s=60, env=None):
         port = free_port()
         env = dict(
             os.environ,
+            **(env or {}),
             JAX_PLATFORMS="cpu",
             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
             PYTHONPATH=REPO,

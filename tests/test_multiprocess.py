@@ -1,12 +1,14 @@
 """launch.py as 2 processes x 4 CPU devices (jax.distributed over gloo, localhost) against the
 same config in one process with 8 devices: same batches, same losses and parameters; metrics
-once; SIGKILL of both processes and a restart ends bit-identical; a different process count
-resumes. Every subprocess wait is bounded (see multiprocess_helpers)."""
+once; SIGKILL of both processes and a restart ends bit-identical; SIGTERM to one process, then to
+both, stops both at one agreed step with a checkpoint and the reruns end bit-identical; a different
+process count resumes. Every subprocess wait is bounded (see multiprocess_helpers)."""
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +23,9 @@ from mile import sharding as msharding
 from mile import state as mstate
 from mile import train as T
 from mile.checkpoint import Checkpointer
+from mile.preemption import PREEMPTED_EXIT_CODE
 from multiprocess_helpers import REPO, Job
-from train_helpers import tiny_config
+from train_helpers import tiny_config, tiny_launch_argv
 
 STEPS = 16
 # Checkpoints every 4 steps; evaluation only after the last step (it still runs once).
@@ -42,24 +45,8 @@ def _config(root, **more):
     return tiny_config(root, **OVERRIDES, **more)
 
 
-def _launch_argv(root, workdir):
-    cfg = _config(root)
-    overrides = {
-        "data.source": "text",
-        "data.text_files": cfg.data.text_files[0],
-        "data.vocab_size": cfg.data.vocab_size,
-        "model.vocab_size": cfg.model.vocab_size,
-        "data.validation_every": cfg.data.validation_every,
-        "data.cache_dir": cfg.data.cache_dir,
-        **OVERRIDES,
-    }
-    return [
-        os.path.join(REPO, "launch.py"),
-        "--config",
-        os.path.join(REPO, "configs/tiny.py"),
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]
+def _launch_argv(root, workdir, script="launch.py"):
+    return tiny_launch_argv(root, workdir, OVERRIDES, script)
 
 
 def _committed_steps(workdir):
@@ -67,10 +54,16 @@ def _committed_steps(workdir):
     return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
 
 
-def _launch_job(root, workdir, log_name):
-    """launch.py as 2 processes on `workdir`, logging to root/log_name, sharing one compile cache."""
+def _launch_job(root, workdir, log_name, *, step_sleep_s=None):
+    """launch.py as 2 processes on `workdir`, logging to root/log_name, sharing one compile cache.
+    `step_sleep_s`: each step first sleeps that long (tests/launch_with_faults.py)."""
     (root / log_name).mkdir()
-    return Job(_launch_argv(root, workdir), num_processes=2, log_dir=root / log_name, compile_cache=root / "jit")
+    if step_sleep_s is None:
+        argv, env = _launch_argv(root, workdir), None
+    else:
+        argv = _launch_argv(root, workdir, "tests/launch_with_faults.py")
+        env = {"MILE_TEST_STEP_SLEEP_S": str(step_sleep_s)}
+    return Job(argv, num_processes=2, log_dir=root / log_name, compile_cache=root / "jit", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +97,61 @@ def runs(root):
     restart = _launch_job(root, out["killed"], "log_restart")
     assert restart.wait(JOB_TIMEOUT_S) == [0, 0], restart.output()
     return out
+
+
+def _wait_until(condition, job, what):
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not condition():
+        if any(p.poll() is not None for p in job.procs) or time.monotonic() > deadline:
+            job.kill()
+            raise AssertionError(f"{what} never happened:\n{job.output()}")
+        time.sleep(0.02)
+
+
+def _preempt(job, targets, workdir):
+    """SIGTERM to the processes `targets` of `job`; (the agreed step, seconds to the last exit)."""
+    sent = time.monotonic()
+    for i in targets:
+        job.procs[i].send_signal(signal.SIGTERM)
+    codes = job.wait(JOB_TIMEOUT_S)
+    took = time.monotonic() - sent
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, job.output()
+    # Each process stopped at the same step, and that step is the newest checkpoint.
+    stopped = [re.findall(r"preempted at step (\d+) \(saved a checkpoint of it\)", job.output(i)) for i in (0, 1)]
+    assert len(stopped[0]) == 1 and stopped[0] == stopped[1], job.output()
+    step = int(stopped[0][0])
+    assert _committed_steps(workdir)[-1] == step, job.output()
+    return step, took
+
+
+@pytest.fixture(scope="module")
+def preempted(root, runs):
+    """launch.py as 2 slowed processes: SIGTERM to process 1 only after the first checkpoint; the
+    rerun gets SIGTERM to both after its first new checkpoint; the third run finishes."""
+    wd = root / "preempted"
+    out = {"wd": wd}
+    job = _launch_job(root, wd, "log_term_one", step_sleep_s=0.3)
+    _wait_until(lambda: _committed_steps(wd), job, "a first checkpoint")
+    out["first"], out["first_s"] = _preempt(job, [1], wd)
+    _restore(wd, out["first"])  # complete and verified
+    job = _launch_job(root, wd, "log_term_both", step_sleep_s=0.3)
+    _wait_until(lambda: _committed_steps(wd)[-1] > out["first"], job, "a checkpoint after the resume")
+    out["second"], out["second_s"] = _preempt(job, [0, 1], wd)
+    _restore(wd, out["second"])
+    job = _launch_job(root, wd, "log_term_rerun")
+    assert job.wait(JOB_TIMEOUT_S) == [0, 0], job.output()
+    print(f"SIGTERM to exit: {out['first_s']:.2f} s (one process), {out['second_s']:.2f} s (both)")
+    return out
+
+
+def test_sigterm_to_one_then_both_processes_stops_at_an_agreed_step_and_resumes_bit_identical(runs, preempted):
+    assert 4 <= preempted["first"] < preempted["second"] < STEPS, preempted
+    assert preempted["first_s"] < 120 and preempted["second_s"] < 120, preempted
+    (a, data_a), (b, data_b) = _restore(runs["two"]), _restore(preempted["wd"])
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert data_a == data_b
+    assert _logged_steps(preempted["wd"], "train/loss") == list(range(1, STEPS + 1))
+    assert _last_per_step(preempted["wd"], "train/loss") == _last_per_step(runs["two"], "train/loss")
 
 
 def _restore(workdir, step=STEPS):

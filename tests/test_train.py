@@ -425,8 +425,14 @@ def test_launch_end_to_end_with_resume_and_clear_errors(tmp_path):
     _flip_a_bit_in_state(wd / "checkpoints" / "6")
     run = _launch(tmp_path, f"--workdir={wd}", "--config.train.steps=6", *common)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stderr.startswith(f"warning: checkpoint step 6 in {wd / 'checkpoints'} "), run.stderr
-    assert run.stderr.count("\n") == 1, run.stderr  # that line only: no traceback, no asyncio noise
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, run.stderr
+    assert warnings[0].startswith(f"warning: checkpoint step 6 in {wd / 'checkpoints'} "), run.stderr
+    # No traceback and no asyncio noise from the abandoned reads (which reports asyncio makes
+    # depends on timing). XLA's own timing alarms under load ("Constant folding an instruction is
+    # taking > 1s") are not ours, so the check names what must not appear rather than counting lines.
+    for noise in ("Traceback", "asyncio", "never retrieved", "destroyed but it is pending", "Event loop is closed"):
+        assert noise not in run.stderr, run.stderr
     assert [r["step"] for r in _metrics(wd) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 

@@ -51,6 +51,28 @@ def tiny_config(tmp_path, **overrides):
     return cfg
 
 
+def tiny_launch_argv(tmp_path, workdir, overrides, script="launch.py"):
+    """launch.py (or a script run like it) with configs/tiny.py and the flags that make it train
+    exactly `tiny_config(tmp_path, **overrides)`."""
+    cfg = tiny_config(tmp_path, **overrides)
+    flags = {
+        "data.source": "text",
+        "data.text_files": cfg.data.text_files[0],
+        "data.vocab_size": cfg.data.vocab_size,
+        "model.vocab_size": cfg.model.vocab_size,
+        "data.validation_every": cfg.data.validation_every,
+        "data.cache_dir": cfg.data.cache_dir,
+        **overrides,
+    }
+    return [
+        os.path.join(REPO, script),
+        "--config",
+        os.path.join(REPO, "configs/tiny.py"),
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]
+
+
 def jit_step(cfg, graphdef, state, mesh, *, vocab_axis=None):
     """The train step of `cfg` jitted with `state`'s shardings, without donation (tests reuse the
     state) and with an explicit `vocab_axis` (tests switch vocabulary parallelism on and off)."""

@@ -22,20 +22,39 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-VARIANTS = {  # name -> loss config (the same four as experiments/compare_losses.py)
+VARIANTS = {  # name -> loss config (the first four as in experiments/compare_losses.py)
     "ce": {"name": "ce"},
     "focal-g1": {"name": "focal", "gamma": 1.0},
+    "mile-g0.25": {"name": "mile", "gamma": 0.25},
     "mile-g0.5": {"name": "mile", "gamma": 0.5},
     "mile-g1": {"name": "mile", "gamma": 1.0},
+    "mile-g2": {"name": "mile", "gamma": 2.0},
+    # gamma 0 -> 1 over training as a staircase of equal stages (mean gamma 0.5, like mile-g0.5).
+    "mile-ramp": {"name": "mile", "gamma": (0.0, 0.25, 0.5, 0.75, 1.0)},
 }
 NUM_CHECKPOINTS = 5
 
 
-def run_config(variant: str, seed: int, steps: int):
+def gamma_stages(variant: str) -> tuple[float, ...] | None:
+    """The staircase of a scheduled variant (one gamma per equal stage of training), else None."""
+    gamma = VARIANTS[variant].get("gamma")
+    return tuple(gamma) if isinstance(gamma, (tuple, list)) else None
+
+
+def run_config(variant: str, seed: int, steps: int, model_dim: int | None = None, language: dict | None = None):
+    """The run's config. `model_dim` rescales the model's width (heads stay 4, MLP 3x);
+    `language` overrides keys of data.synthetic (e.g. zipf_exponent, train_tokens)."""
     from configs import synthetic
 
     cfg = synthetic.get_config()
-    cfg.loss.update(VARIANTS[variant])
+    loss = dict(VARIANTS[variant])
+    if gamma_stages(variant):
+        loss["gamma"] = gamma_stages(variant)[0]
+    cfg.loss.update(loss)
+    if model_dim:
+        cfg.model.update(embed_dim=model_dim, head_dim=model_dim // cfg.model.num_heads, mlp_dim=3 * model_dim)
+    if language:
+        cfg.data.synthetic.update(language)
     cfg.seed = seed
     cfg.data.shuffle_seed = seed
     cfg.data.cache_dir = os.path.join(REPO, ".cache")
@@ -43,37 +62,53 @@ def run_config(variant: str, seed: int, steps: int):
         steps=steps,
         eval_every=max(1, steps // NUM_CHECKPOINTS),
         checkpoint_every=max(1, steps // NUM_CHECKPOINTS),
-        keep_checkpoints=NUM_CHECKPOINTS + 1,
+        keep_checkpoints=NUM_CHECKPOINTS + 1 + len(gamma_stages(variant) or ()),
     )
     return cfg
 
 
-def train_run(workdir: str, variant: str, seed: int, steps: int) -> float:
-    """Trains (or finishes) one run; returns the seconds spent training in this call."""
+def train_run(workdir: str, variant: str, seed: int, steps: int, **overrides) -> float:
+    """Trains (or finishes) one run; returns the seconds spent training in this call.
+
+    A scheduled variant trains stage by stage: each stage resumes the previous one's checkpoint
+    with the next gamma (the loss may change on resume; model, data and seed may not), so the
+    optimiser state, data order and learning-rate schedule run on as in one run."""
     from mile import train
     from mile.checkpoint import Checkpointer
 
-    ckpt = os.path.join(workdir, "checkpoints")
+    ckpt, done = os.path.join(workdir, "checkpoints"), 0
     if os.path.isdir(ckpt):
         with Checkpointer(ckpt, max_to_keep=100, async_save=False) as c:
-            if c.latest_step() == steps:
-                return 0.0
+            done = c.latest_step() or 0
+        if done == steps:
+            return 0.0
     print(f"== training {variant} seed {seed} ({steps} steps) in {workdir}", flush=True)
     start = time.perf_counter()
-    train.train(run_config(variant, seed, steps), workdir)
+    cfg = run_config(variant, seed, steps, **overrides)
+    stages = gamma_stages(variant)
+    if stages is None:
+        train.train(cfg, workdir)
+    else:
+        for k, gamma in enumerate(stages):
+            end = steps * (k + 1) // len(stages)
+            if end > done:  # stages already finished by an earlier call are skipped
+                cfg.loss.gamma = gamma
+                train.train(cfg, workdir, stop_at=end)
     seconds = time.perf_counter() - start
     with open(os.path.join(workdir, "train_seconds.json"), "w") as f:
         json.dump({"seconds": seconds}, f)
     return seconds
 
 
-def evaluate_run(workdir: str, eval_batches: int) -> dict[int, dict]:
-    """Ground-truth evaluation of every kept checkpoint, cached in <workdir>/eval/."""
+def evaluate_run(workdir: str, eval_batches: int, final_only: bool = False) -> dict[int, dict]:
+    """Ground-truth evaluation of every kept checkpoint (or the last), cached in <workdir>/eval/."""
     from mile import ground_truth
     from mile.checkpoint import Checkpointer
 
     with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=100, async_save=False) as c:
-        steps = list(c.all_steps())
+        steps = sorted(c.all_steps())
+    if final_only:
+        steps = steps[-1:]
     results = {}
     for step in sorted(steps):
         out = os.path.join(workdir, "eval", f"ground_truth_{step}.json")

@@ -212,6 +212,7 @@ def write_report(args, todo) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from experiments.report import write_with_reading
 
@@ -303,6 +304,9 @@ def write_report(args, todo) -> None:
                          [_mean_sd(res.values(v, n, BASE_ZIPF, g, b)) for n in ns], color=colors[v], label=v)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = [n * tokens_per_step for n in lengths]  # one labelled tick per run length
+        ax.set_xticks(ticks, [f"{t / 1e6:.2g}M" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training tokens")
         ax.set_title(f"KL to the truth: {b}")
         ax.grid(alpha=0.3)

@@ -14,6 +14,7 @@ from mile import paths
 from mile import train as T
 from train_helpers import (
     assert_same_run,
+    compile_cache_env,
     start,
     steps_on_disk,
     tiny_config,
@@ -54,14 +55,15 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     T.train(tiny_config(tmp_path, **OVERRIDES), str(straight))
     wd = f"gs://{gcs.bucket}/run"
     argv = tiny_launch_argv(tmp_path, wd, OVERRIDES, "tests/launch_with_faults.py")
+    env = {**gcs.env, **compile_cache_env(tmp_path / "xla")}  # the rerun skips compiling (speed only)
 
-    proc, log = start(argv, tmp_path / "killed.log", MILE_TEST_STEP_SLEEP_S="0.3", **gcs.env)
+    proc, log = start(argv, tmp_path / "killed.log", MILE_TEST_STEP_SLEEP_S="0.3", **env)
     wait_for(lambda: steps_on_disk(wd), proc, log, "a first checkpoint on the bucket", WAIT_S)
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was in flight is cut off
     rc, out = wait(proc, log, 30)
     assert rc == -signal.SIGKILL and steps_on_disk(wd)[-1] < STEPS, out[-3000:]
 
-    proc, log = start(argv, tmp_path / "resumed.log", **gcs.env)
+    proc, log = start(argv, tmp_path / "resumed.log", **env)
     rc, out = wait(proc, log, WAIT_S)
     assert rc == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -74,7 +76,7 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     from mile import evaluate
 
     args = ["--eval-batches", "2", "--cut-points", "0.8,0.95"]
-    proc, log = start(["-m", "mile.evaluate", "--workdir", wd, *args], tmp_path / "eval.log", **gcs.env)
+    proc, log = start(["-m", "mile.evaluate", "--workdir", wd, *args], tmp_path / "eval.log", **env)
     rc, out = wait(proc, log, WAIT_S)
     assert rc == 0, out[-3000:]
     on_bucket = json.loads(paths.read_text(f"{wd}/eval/step_{STEPS}.json"))

@@ -34,20 +34,20 @@ offered to restore, evaluate or export (orbax removes it at a later cleanup).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any, Iterable, NamedTuple
 
 import orbax.checkpoint as ocp
-from etils import epath
 
-from mile import integrity
+from mile import integrity, paths
 
 log = logging.getLogger(__name__)
 
 _ITEMS = ("state", "data_state", "config", "integrity")
 _REQUIRED = ("state", "data_state", "config")  # "integrity" is absent from older checkpoints
 _ORBAX_METADATA = "_CHECKPOINT_METADATA"
+# What orbax writes last to say a step is finished (the second one on GCS, where it cannot rename).
+_MARKERS = (_ORBAX_METADATA, "commit_success.txt")
 
 
 class CorruptCheckpointError(ValueError):
@@ -120,7 +120,7 @@ def _quiet_abandoned_reads() -> None:
 
 def checkpoint_dir(workdir) -> str:
     """Where a run in `workdir` keeps its checkpoints."""
-    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    return paths.join(workdir, "checkpoints")
 
 
 class Checkpointer:
@@ -136,7 +136,7 @@ class Checkpointer:
     ):
         """`read_only`: for readers (evaluate, export, the trainer's checks): never creates,
         saves or deletes anything."""
-        self.directory = epath.Path(directory).absolute()
+        self.directory = paths.path(directory)
         # Readers never save, so nothing is ever deleted; create=False keeps them from making the
         # directory. (orbax's own read_only option logs a warning on every use.)
         self._read_only = read_only
@@ -149,14 +149,14 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
     # -- queries ---------------------------------------------------------------------------------
-    def _step_dir(self, step: int) -> epath.Path:
-        return self.directory / str(int(step))
+    def _step_dir(self, step: int) -> str:
+        return paths.join(self.directory, str(int(step)))
 
     def missing_parts(self, step: int) -> list[str]:
         """What a finalised step directory lacks (orbax's metadata file, item directories)."""
         d = self._step_dir(step)
-        missing = [] if (d / _ORBAX_METADATA).exists() else [_ORBAX_METADATA]
-        return missing + [f"{item}/" for item in _REQUIRED if not (d / item).is_dir()]
+        missing = [] if paths.exists(paths.join(d, _ORBAX_METADATA)) else [_ORBAX_METADATA]
+        return missing + [f"{item}/" for item in _REQUIRED if not paths.isdir(paths.join(d, item))]
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -223,7 +223,7 @@ class Checkpointer:
         missing = self.missing_parts(step)
         if missing:
             raise CorruptCheckpointError(self.directory, step, f"is incomplete (no {', '.join(missing)})")
-        if (self._step_dir(step) / "integrity").is_dir():
+        if paths.isdir(paths.join(self._step_dir(step), "integrity")):
             items["integrity"] = ocp.args.JsonRestore()
         _quiet_abandoned_reads()  # before the read: the callbacks can fire before we see its error
         try:
@@ -292,7 +292,7 @@ def restore_latest_verified(directory, abstract_state) -> Restored | None:
     deletion cut short). None when there are no checkpoints. Raises CorruptCheckpointError naming
     every step when none verifies. Nothing on disk is changed (see `set_aside`).
     """
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return None
     with Checkpointer.reader(directory) as ck:
         steps = ck.finalized_steps()
@@ -317,15 +317,18 @@ def restore_latest_verified(directory, abstract_state) -> Restored | None:
 
 def set_aside(directory, step: int) -> str:
     """Moves step directory `step` to `<directory>/../corrupt_checkpoints/` (never deletes it);
-    returns its new path. Call on one process only."""
-    directory = os.path.abspath(os.fspath(directory))
-    dest_root = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")
-    os.makedirs(dest_root, exist_ok=True)
-    dest, n = os.path.join(dest_root, str(int(step))), 1
-    while os.path.exists(dest):
+    returns its new path. Call on one process only.
+
+    On GCS there is no rename: the objects are copied, then the originals deleted with orbax's
+    finalisation markers last (mile.paths.move_tree), so a kill part way loses nothing and leaves
+    at most an incomplete step directory, which the next resume sets aside again."""
+    dest_root = paths.join(paths.path(directory).parent, "corrupt_checkpoints")
+    paths.makedirs(dest_root)
+    dest, n = paths.join(dest_root, str(int(step))), 1
+    while paths.exists(dest):
         n += 1
-        dest = os.path.join(dest_root, f"{int(step)}.{n}")
-    os.rename(os.path.join(directory, str(int(step))), dest)
+        dest = paths.join(dest_root, f"{int(step)}.{n}")
+    paths.move_tree(paths.join(directory, str(int(step))), dest, markers_last=_MARKERS)
     return dest
 
 

@@ -19,7 +19,6 @@ restored, before any evaluation).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mile import multiple_choice as mc
+from mile import paths
 from mile import qa
 from mile.jsonl import write_json
 from mile.perplexity import bucket_perplexities, format_perplexity_table, make_stats_fn
@@ -95,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from mile.restore import load_trained_model
 
     cut_points = _parse_cut_points(args.cut_points)
-    if not os.path.isdir(args.workdir):
+    if not paths.isdir(args.workdir):
         raise ValueError(f"workdir {args.workdir} does not exist; pass a trained --workdir.")
     mc_tasks = _read_tasks(args.mc, mc.load_task)  # every input is read before the slow restore
     qa_tasks = _read_tasks(args.qa, qa.load_examples)
@@ -111,8 +111,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--eval-batches={args.eval_batches} must be >= 1 (omit it for one full pass).")
 
     model, cfg, step = load_trained_model(args.workdir, step=args.step)
-    out = args.out or os.path.join(args.workdir, "eval", f"step_{step}.json")
-    if os.path.exists(out) and not args.overwrite:
+    out = args.out or paths.join(args.workdir, "eval", f"step_{step}.json")
+    if paths.exists(out) and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite or choose another --out.")
     prepared = mdata.prepare(cfg.data)
     stats_fn = make_stats_fn(model, chunk_size=int(cfg.loss.get("chunk_size", 0) or 0) or None)
@@ -121,7 +121,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     print(f"step {step}: perplexity by training-frequency bucket (cut points {cut_points})")
     print(format_perplexity_table(perplexity))
     result: dict[str, Any] = {
-        "workdir": os.path.abspath(args.workdir),
+        "workdir": str(paths.path(args.workdir)),
         "step": int(step),
         "cut_points": list(cut_points),
         "bucket_types": {

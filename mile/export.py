@@ -26,10 +26,12 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import sentencepiece as spm
 
+from mile import paths
 from mile.model import Llama, ModelConfig
 
 
@@ -146,20 +148,26 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
     return tok_cfg, special
 
 
-def _check_out_dir(out_dir: pathlib.Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+def _check_out_dir(out_dir) -> None:
+    if paths.exists(out_dir) and (not paths.isdir(out_dir) or paths.listdir(out_dir)):
         raise ValueError(f"--out {out_dir} exists and is not an empty directory; pass a new path.")
 
 
-def export_hf(model: Llama, cfg, tokenizer_path, out_dir) -> pathlib.Path:
+def export_hf(model: Llama, cfg, tokenizer_path, out_dir):
     """Writes model + tokenizer in the HF LLaMA layout to out_dir (new or empty); returns it.
 
-    cfg is the run config (uses cfg.model) or the model config itself.
+    cfg is the run config (uses cfg.model) or the model config itself. A gs:// out_dir (or
+    tokenizer) goes through mile.paths: the files are written locally, then uploaded one object each.
     """
+    _check_out_dir(out_dir)
+    if paths.is_remote(out_dir) or paths.is_remote(tokenizer_path):
+        with paths.local_copy(tokenizer_path) as tok, tempfile.TemporaryDirectory(prefix="mile-export-") as d:
+            export_hf(model, cfg, tok, d)
+            paths.upload_tree(d, out_dir)
+        return out_dir
     from safetensors.numpy import save_file  # only the export needs it
 
     out_dir = pathlib.Path(out_dir)
-    _check_out_dir(out_dir)
     mcfg = cfg.model if hasattr(cfg, "model") else cfg
     c = ModelConfig.from_cfg(mcfg)
     if c != model.config:
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         # Fail before the (slow) restore if the output would be overwritten.
-        _check_out_dir(pathlib.Path(args.out))
+        _check_out_dir(args.out)
         from mile.restore import load_trained_model
 
         model, cfg, step = load_trained_model(args.workdir, step=args.step)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from mile.data.synthetic import KINDS, Language, load_language
+from mile import paths
 from mile.jsonl import write_json
 from mile.token_frequency import assign_buckets, token_counts
 
@@ -164,7 +164,7 @@ def evaluate_workdir(
     batches = mdata.eval_iterator(cfg.data, prepared, num_batches=eval_batches)
     stats = ground_truth_stats(make_truth_stats_fn(model, language), batches, buckets, language.kind)
     return {
-        "workdir": os.path.abspath(workdir),
+        "workdir": str(paths.path(workdir)),
         "step": int(step),
         "cut_points": list(cut_points),
         "bucket_types": np.bincount(buckets, minlength=len(FREQUENCY_BUCKETS)).tolist(),
@@ -181,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     try:
-        if not os.path.isdir(args.workdir):
+        if not paths.isdir(args.workdir):
             raise ValueError(f"workdir {args.workdir} does not exist; pass a trained --workdir.")
         def out_path(step: int) -> str:
-            out = args.out or os.path.join(args.workdir, "eval", f"ground_truth_{step}.json")
-            if os.path.exists(out) and not args.overwrite:
+            out = args.out or paths.join(args.workdir, "eval", f"ground_truth_{step}.json")
+            if paths.exists(out) and not args.overwrite:
                 raise ValueError(f"{out} exists; pass --overwrite or choose another --out.")
             return out
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-from mile import atomic
+from mile import paths
 
 
 def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
     """(where, record) for each non-blank line; `where` is "path:line" for error messages."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise ValueError(f"{kind} file {path} does not exist; pass an existing JSONL file.")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -30,6 +30,6 @@ def read_records(path: str | os.PathLike, kind: str) -> list[tuple[str, dict]]:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as JSON to `path` via a temporary file and a rename, so a kill mid-write never
-    leaves a half-written result where a finished one was."""
-    atomic.write_text(path, json.dumps(obj, indent=1))
+    """Write `obj` as JSON to `path` atomically (mile.paths: a rename locally, one object upload on
+    gs://), so a kill mid-write never leaves a half-written result where a finished one was."""
+    paths.write_text(path, json.dumps(obj, indent=1))

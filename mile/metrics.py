@@ -15,14 +15,15 @@ from step S+1 on, and the curves show each step once.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
+import tempfile
 import time
 from typing import Any, Mapping
 
-from mile import atomic
+from mile import paths
 
 
 def _to_float(v: Any) -> float:
@@ -33,7 +34,9 @@ def _to_float(v: Any) -> float:
 class MetricsWriter:
     """Appends scalars to <workdir>/metrics.jsonl and <workdir>/tb. No-op when not enabled."""
 
-    def __init__(self, workdir, *, enabled: bool, resume_step: int | None = None):
+    def __init__(
+        self, workdir, *, enabled: bool, resume_step: int | None = None, upload_every_s: float = 30.0
+    ):
         """`resume_step`: the step training restarts from (0 for a fresh start); rows past it
         are dropped (their count is `dropped_rows`). None appends without touching anything."""
         self.enabled = bool(enabled)
@@ -42,16 +45,23 @@ class MetricsWriter:
         self.dropped_rows = 0
         if not self.enabled:
             return
-        workdir = os.fspath(workdir)
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self._remote = paths.is_remote(workdir)
         if resume_step is not None:
             self.dropped_rows = truncate_metrics(self.path, resume_step)
-        self._jsonl = open(self.path, "a", encoding="utf-8")
+        tb_dir = paths.join(workdir, "tb")
+        if self._remote:
+            self._rows = paths.read_text(self.path) if paths.exists(self.path) else ""
+            self._tb_remote, self._tb_local = tb_dir, tempfile.TemporaryDirectory(prefix="mile-tb-")
+            tb_dir = self._tb_local.name
+            self._upload_every_s, self._uploaded_at, self._stale = float(upload_every_s), time.monotonic(), False
+        else:
+            paths.makedirs(workdir)
+            self._jsonl = open(self.path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
         purge = None if resume_step is None else int(resume_step) + 1
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+        self._tb = SummaryWriter(tb_dir, purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -64,9 +74,26 @@ class MetricsWriter:
             record[key] = x if math.isfinite(x) else None
             if math.isfinite(x):
                 self._tb.add_scalar(key, x, global_step=step)
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
         self._tb.flush()
+        if not self._remote:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+            return
+        self._rows += line
+        self._stale = True
+        if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Makes every row written so far visible at the workdir (a remote one gets an upload)."""
+        if not self.enabled or not self._remote or not self._stale:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        paths.write_text(self.path, self._rows)
+        paths.upload_tree(self._tb_local.name, self._tb_remote)
+        self._uploaded_at, self._stale = time.monotonic(), False
 
     def close(self) -> None:
         if not self.enabled:
@@ -77,15 +104,18 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            if self._remote:
+                self._stale = True  # closing may have written the event file's last records
+                self.flush()
+                self._tb_local.cleanup()
 
 
 def truncate_metrics(path, last_step: int) -> int:
     """Keeps the rows of metrics file `path` up to `last_step` (and drops unparsable lines, e.g. one
     torn by a kill); rewrites the file atomically only when something goes. Returns the rows dropped."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return 0
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in io.StringIO(paths.read_text(path), newline="\n") if line.strip()]
     kept = []
     for line in lines:
         try:
@@ -94,17 +124,15 @@ def truncate_metrics(path, last_step: int) -> int:
         except (ValueError, KeyError, TypeError):
             pass
     if kept != lines:
-        atomic.write_text(path, "".join(kept))
+        paths.write_text(path, "".join(kept))
     return len(lines) - len(kept)
 
 
 def read_metrics(path) -> list[dict]:
     """Parses a metrics.jsonl file (or a workdir containing one) into a list of dicts."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    if paths.isdir(path):
+        path = paths.join(path, "metrics.jsonl")
+    return [json.loads(line) for line in io.StringIO(paths.read_text(path), newline="\n") if line.strip()]
 
 
 def _fmt_rate(x: float) -> str:

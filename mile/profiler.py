@@ -2,14 +2,18 @@
 
 Process 0 traces steps START..END into `<workdir>/profile/` (TensorBoard's profile plugin reads
 the `.xplane.pb`, Perfetto the `.trace.json.gz`). The trace stops only once step END's results
-are on the host, so the device work of every traced step is inside it.
+are on the host, so the device work of every traced step is inside it. A gs:// workdir gets the
+trace uploaded when it stops (traced into a local temporary directory first: the profiler writes
+only local files, and each uploaded object is then complete).
 """
 
 from __future__ import annotations
 
-import os
+import tempfile
 
 import jax
+
+from mile import paths
 
 
 def parse_steps(text: str) -> tuple[int, int] | None:
@@ -37,11 +41,16 @@ class StepProfiler:
         self.steps = steps if enabled else None
         self.trace_dir = trace_dir
         self.active = False
+        self._staging = None  # the local directory traced into, for a remote trace_dir
 
     def before(self, step: int) -> None:
         if self.steps is not None and not self.active and self.steps[0] <= step <= self.steps[1]:
-            os.makedirs(self.trace_dir, exist_ok=True)
-            jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True)
+            local = self.trace_dir
+            if paths.is_remote(self.trace_dir):
+                self._staging = tempfile.TemporaryDirectory(prefix="mile-profile-")
+                local = self._staging.name
+            paths.makedirs(local)
+            jax.profiler.start_trace(local, create_perfetto_trace=True)
             self.active = True
 
     def after(self, step: int, outputs) -> None:
@@ -53,3 +62,7 @@ class StepProfiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self._staging is not None:
+                paths.upload_tree(self._staging.name, self.trace_dir)
+                self._staging.cleanup()
+                self._staging = None

@@ -7,13 +7,13 @@ restored tree is exactly the one that was trained.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 import ml_collections
 from flax import nnx
 
+from mile import paths
 from mile import sharding as msharding
 from mile.checkpoint import (
     Checkpointer,
@@ -28,7 +28,7 @@ from mile.state import state_builder
 
 def existing_checkpoint(ckpt_dir: str) -> tuple[int | None, dict | None]:
     """(latest step, the config of the newest step whose config reads and verifies), creating nothing."""
-    if not os.path.isdir(ckpt_dir):
+    if not paths.isdir(ckpt_dir):
         return None, None
     with Checkpointer.reader(ckpt_dir) as checkpointer:
         steps = checkpointer.finalized_steps()
@@ -84,7 +84,7 @@ def load_trained_model(workdir: str, *, step: int | None = None, mesh=None):
     steps there are (no fallback here: results must be labelled with the step they came from).
     """
     ckpt_dir = checkpoint_dir(workdir)
-    if not os.path.isdir(ckpt_dir):
+    if not paths.isdir(ckpt_dir):
         raise ValueError(f"no checkpoints in {workdir}; train first with launch.py --workdir {workdir}")
     with Checkpointer.reader(ckpt_dir) as checkpointer:
         step, hint = _choose_step(checkpointer, workdir, step)

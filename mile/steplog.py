@@ -118,6 +118,10 @@ class TrainLog:
         self.say(f"step {step}: validation CE {result['ce']:.4f}, perplexity {result['perplexity']:.2f}")
         self.last.update({f"eval_{k}": v for k, v in result.items()})
 
+    def flush(self) -> None:
+        """Every row so far made visible at the workdir (an upload when it is remote)."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.bar.close()
         self.writer.close()

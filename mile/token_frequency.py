@@ -19,25 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 from typing import Sequence
 
 import numpy as np
 
-from mile import atomic
+from mile import paths
 
 BUCKET_NAMES = ("easy", "medium", "difficult")
 
 
 def _file_sha(path: os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
+def counts_cache_path(prepared, source_len: int) -> str:
     """Where the counts of this (tokenizer, training split) pair are cached."""
     key = "|".join(
         [
@@ -50,15 +49,16 @@ def counts_cache_path(prepared, source_len: int) -> pathlib.Path:
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return pathlib.Path(prepared.tokenizer_path).parent / f"token_counts-{digest}.npy"
+    return paths.join(paths.path(prepared.tokenizer_path).parent, f"token_counts-{digest}.npy")
 
 
 def token_counts(prepared, *, batch_docs: int = 1024) -> np.ndarray:
     """int64[tokenizer vocab] occurrences of each type in the training split (docs + EOS each)."""
     source = prepared.open("train")
     path = counts_cache_path(prepared, len(source))
-    if path.is_file():
-        return np.load(path)
+    if paths.isfile(path):
+        with paths.open(path, "rb") as f:
+            return np.load(f)
     tokenizer = prepared.tokenizer
     vocab = tokenizer.vocab_size
     counts = np.zeros(vocab, np.int64)
@@ -68,7 +68,7 @@ def token_counts(prepared, *, batch_docs: int = 1024) -> np.ndarray:
         flat = np.concatenate([np.asarray(doc, np.int64) for doc in ids] + [np.zeros(0, np.int64)])
         counts += np.bincount(flat, minlength=vocab)[:vocab]
     counts[tokenizer.eos_id] += len(source)  # the separator after every document
-    with atomic.replacing(path) as tmp:  # a present cache file is always complete
+    with paths.replacing(path) as tmp:  # a present cache file is always complete
         np.save(tmp, counts)
     return counts
 

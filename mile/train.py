@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mile import atomic, fields, multihost, profiler
+from mile import fields, multihost, paths, profiler
 from mile import data as mdata
 from mile import losses as L
 from mile import sharding as msharding
@@ -126,6 +126,9 @@ def _check_batch_split(d, k: int, dp: int) -> None:
 
 def check_workdir(workdir: str) -> None:
     """ValueError unless `workdir` (and its checkpoints/) is a directory or can become one."""
+    if paths.is_remote(workdir):
+        # An object store has no files in the way of a directory; access is checked by the first read.
+        return
     for path in (os.path.join(workdir, "checkpoints"), workdir):
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{path} is a file, not a directory; pass a directory as --workdir")
@@ -278,16 +281,15 @@ def evaluate(eval_step, state, run: Run, num_streams: int) -> dict[str, float]:
 
 
 def _save_config_once(cfg, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        atomic.write_text(path, cfg.to_json_best_effort(indent=2))
+    path = paths.join(workdir, "config.json")
+    if not paths.exists(path):
+        paths.write_text(path, cfg.to_json_best_effort(indent=2))
 
 
 def _hang_report(workdir: str):
     """Where the watchdog leaves its report: one file per process in the workdir."""
-    path = os.path.join(workdir, f"hang.process{jax.process_index()}.txt")
-    return lambda text: atomic.write_text(path, text)
+    path = paths.join(workdir, f"hang.process{jax.process_index()}.txt")
+    return lambda text: paths.write_text(path, text)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
@@ -313,7 +315,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
     log = TrainLog(workdir, t.steps, run.start_step, enabled=primary)
     late, guard, rate = LateMetrics(), NonfiniteGuard(t.max_nonfinite_steps, log.say), Throughput(cfg)
     profile = profiler.StepProfiler(
-        profiler.parse_steps(t.profile_steps), os.path.join(workdir, "profile"), enabled=primary
+        profiler.parse_steps(t.profile_steps), paths.join(workdir, "profile"), enabled=primary
     )
     limits = HangLimits(t.hang_timeout_s, t.startup_timeout_s)
 
@@ -327,6 +329,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
         log.last = m
 
     def save(step: int) -> None:
+        log.flush()  # the rows up to a saved step are at the workdir before the step is
         checkpointer.save(step, state, data_state={"streams": batches.get_state()}, config=config_dict)
 
     watchdog = Watchdog(_hang_report(workdir))

@@ -89,7 +89,7 @@ def test_token_counts_match_the_training_tokenisation(trained, monkeypatch):
             expected[t] += 1
     np.testing.assert_array_equal(counts, expected)
     assert counts.dtype == np.int64 and counts[prepared.tokenizer.eos_id] == len(docs)
-    assert TF.counts_cache_path(prepared, len(source)).is_file()
+    assert os.path.isfile(TF.counts_cache_path(prepared, len(source)))
     # A second call reads the cache instead of tokenising again.
     monkeypatch.setattr(prepared.tokenizer.processor, "encode", None)
     np.testing.assert_array_equal(TF.token_counts(prepared), expected)

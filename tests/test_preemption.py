@@ -6,22 +6,25 @@ stack; a profile of chosen steps lands in the workdir. Every subprocess wait is 
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
-import jax
-import ml_collections
-import numpy as np
 import pytest
 
-from mile import sharding as msharding
-from mile import state as mstate
 from mile import train as T
 from mile.checkpoint import Checkpointer
 from mile.preemption import PREEMPTED_EXIT_CODE, Preempted
 from mile.watchdog import HANG_EXIT_CODE, AUTO_MIN_S, HangLimits, Watchdog
-from train_helpers import REPO, tiny_config, tiny_launch_argv
+from train_helpers import (
+    assert_same_run,
+    restore_step,
+    start,
+    steps_on_disk,
+    tiny_config,
+    tiny_launch_argv,
+    train_losses,
+    wait,
+    wait_for,
+)
 
 STEPS = 8
 OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": 4, "train.eval_every": 100}
@@ -46,32 +49,19 @@ def _config(root, **more):
 
 
 def _restore(workdir, step=STEPS):
-    with Checkpointer.reader(os.path.join(workdir, "checkpoints")) as ck:
-        cfg = ml_collections.ConfigDict(ck.saved_config(step))
-        cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
-        mesh = msharding.make_mesh(cfg.mesh)
-        _, abstract = msharding.abstract_sharded(mstate.state_builder(cfg), mesh, cfg.sharding_rules)
-        state, data_state = ck.restore(step, abstract)  # verifies the checksums too
-    return jax.tree.map(np.asarray, state), data_state
+    return restore_step(workdir, step)
 
 
 def _losses(workdir):
-    import json
-
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(r["step"], r["train/loss"]) for r in map(json.loads, f) if "train/loss" in r]
+    return train_losses(workdir)
 
 
 def _assert_same_run(a, b):
-    (sa, da), (sb, db) = _restore(a), _restore(b)
-    jax.tree.map(np.testing.assert_array_equal, sa, sb)
-    assert da == db
-    assert _losses(a) == _losses(b)  # every step once, and the same losses
+    assert_same_run(a, b, STEPS)
 
 
 def _steps_on_disk(workdir):
-    ckpts = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+    return steps_on_disk(workdir)
 
 
 def test_signal_stops_with_a_checkpoint_and_the_rerun_is_bit_identical(root, straight, monkeypatch, capfd):
@@ -120,42 +110,16 @@ def _launch_argv(root, workdir):
 
 def _start(root, workdir, *flags, **env):
     """launch.py (with test faults) as a subprocess with 8 CPU devices, like this process."""
-    log = open(root / f"{os.path.basename(workdir)}.{time.monotonic_ns()}.log", "w+")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env)
-    proc = subprocess.Popen(
-        [sys.executable, *_launch_argv(root, workdir), *flags],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-    )
-    return proc, log
+    log = root / f"{os.path.basename(workdir)}.{time.monotonic_ns()}.log"
+    return start([*_launch_argv(root, workdir), *flags], log, **env)
 
 
 def _wait(proc, log, timeout_s=WAIT_S):
-    """(return code, output); SIGKILLs the process group and fails if it overruns."""
-    try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        rc = None
-    log.seek(0)
-    out = log.read()
-    assert rc is not None, f"overran {timeout_s} s and was killed:\n{out[-3000:]}"
-    return rc, out
+    return wait(proc, log, timeout_s)
 
 
 def _wait_for(condition, proc, log, what):
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            log.seek(0)
-            pytest.fail(f"{what} never happened:\n{log.read()[-3000:]}")
-        time.sleep(0.02)
+    wait_for(condition, proc, log, what, WAIT_S)
 
 
 def test_sigterm_from_outside_exits_75_and_the_same_command_resumes(root, straight):

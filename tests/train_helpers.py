@@ -1,7 +1,11 @@
-"""Tiny configs and corpora for trainer tests (written by the tests themselves)."""
+"""Tiny configs and corpora for trainer tests (written by the tests themselves), and what the
+resume tests share: reading a run back (local or gs:// workdir) and bounded subprocess runs."""
 
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -95,3 +99,96 @@ def jit_step(cfg, graphdef, state, mesh, *, vocab_axis=None):
         vocab_axis=vocab_axis,
     )
     return jax.jit(step, in_shardings=(shardings, msharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+
+
+# -- comparing runs (any workdir mile.paths reads: local or gs://) ----------------------------------
+def restore_step(workdir, step):
+    """(state as NumPy, data_state) of checkpoint `step`, verified against its checksums."""
+    import jax
+    import ml_collections
+
+    from mile import paths
+    from mile import sharding as msharding
+    from mile import state as mstate
+    from mile.checkpoint import Checkpointer
+
+    with Checkpointer.reader(paths.join(workdir, "checkpoints")) as ck:
+        cfg = ml_collections.ConfigDict(ck.saved_config(step))
+        cfg.sharding_rules = tuple(tuple(r) for r in cfg.sharding_rules)
+        mesh = msharding.make_mesh(cfg.mesh)
+        _, abstract = msharding.abstract_sharded(mstate.state_builder(cfg), mesh, cfg.sharding_rules)
+        state, data_state = ck.restore(step, abstract)  # verifies the checksums too
+    return jax.tree.map(np.asarray, state), data_state
+
+
+def train_losses(workdir):
+    """[(step, train loss)] in metrics.jsonl order."""
+    from mile.metrics import read_metrics
+
+    return [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def assert_same_run(a, b, step):
+    """Runs `a` and `b` hold bit-identical checkpoints of `step` and the same loss rows."""
+    import jax
+
+    (sa, da), (sb, db) = restore_step(a, step), restore_step(b, step)
+    jax.tree.map(np.testing.assert_array_equal, sa, sb)
+    assert da == db
+    assert train_losses(a) == train_losses(b)  # every step once, and the same losses
+
+
+def steps_on_disk(workdir):
+    from mile import paths
+
+    ckpts = paths.join(workdir, "checkpoints")
+    return sorted(int(d) for d in paths.listdir(ckpts) if d.isdigit()) if paths.isdir(ckpts) else []
+
+
+# -- bounded subprocesses --------------------------------------------------------------------------
+def compile_cache_env(directory) -> dict:
+    """Environment for subprocesses that share a persistent XLA compilation cache (tests' speed only)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def start(argv, log_path, **env):
+    """`python argv...` in its own session (killable as a group), output to `log_path`, with 8 CPU
+    devices like the test process."""
+    log = open(log_path, "w+")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env)
+    proc = subprocess.Popen(
+        [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )
+    return proc, log
+
+
+def wait(proc, log, timeout_s):
+    """(return code, output); SIGKILLs the process group and fails if it overruns."""
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        rc = None
+    log.seek(0)
+    out = log.read()
+    assert rc is not None, f"overran {timeout_s} s and was killed:\n{out[-3000:]}"
+    return rc, out
+
+
+def wait_for(condition, proc, log, what, timeout_s):
+    """Polls `condition` until true; kills the process and fails if it ends or `timeout_s` passes first."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            log.seek(0)
+            pytest.fail(f"{what} never happened:\n{log.read()[-3000:]}")
+        time.sleep(0.02)

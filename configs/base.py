@@ -46,20 +46,24 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Data (mile.data): corpus -> TFDS ArrayRecord -> SentencePiece -> grain windows.
+    # Data (mile.data): corpus -> ArrayRecord store -> tokenizer -> (token store) -> grain windows.
     # mile.data.DataConfig reads and checks every key.
     c.data = ml_collections.ConfigDict(
         dict(
             source="kjv",  # "kjv" (Debian's bible-kjv-text) | "text" | "tfds" | "synthetic"
-            text_files=(),  # source="text": .txt or .jsonl files; --config.data.text_files=a.txt,b.txt
+            # source="text": files, directories, globs: .txt .jsonl .jsonl.gz .jsonl.zst .parquet
+            text_files=(),  # --config.data.text_files=a.txt,corpus/,shards/*.jsonl.zst
             tfds_name="",  # source="tfds": a prepared ArrayRecord TFDS dataset, e.g. "c4/en"
             tfds_data_dir="",  # source="tfds": its TFDS data_dir
-            text_key="text",  # the text feature (tfds) / JSONL field (text)
+            text_key="text",  # the text feature (tfds) / JSONL field / parquet column (text)
+            bad_records="error",  # a malformed record: "error" (file and line) | "skip" (counted)
             train_split="train",  # source="tfds": the split to train on
             eval_split="validation",  # source="tfds": the split to evaluate on
             validation_every=50,  # kjv/text/synthetic: every N-th document is held out
-            vocab_size=8000,  # SentencePiece vocabulary (must be <= model.vocab_size); synthetic: its ids
-            tokenizer_max_docs=100000,  # source="tfds": documents sampled to train the tokenizer
+            tokenizer="train",  # "train" | a SentencePiece .model | a Hugging Face tokenizer.json
+            pretokenize=False,  # store token ids (mile.prepare), so training only reads and packs
+            vocab_size=8000,  # trained tokenizer's vocabulary (<= model.vocab_size); synthetic: its ids
+            tokenizer_max_docs=100000,  # documents sampled (strided) to train the tokenizer
             cache_dir=".cache",  # corpora, TFDS datasets and tokenizers
             shuffle_seed=0,  # training shuffle seed
             read_threads=0,  # grain read/tokenise threads per process; 0 = the main thread

@@ -358,9 +358,13 @@ def _norm(v: Any) -> Any:
 # implicitly had. A checkpoint that lacks one of them matches a config that keeps that value.
 ADDED_FIELDS = {
     "data.shards": 0,  # one data stream per process, as before streams existed
+    "data.tokenizer": "train",
+    "data.bad_records": "error",
 }
 # Model fields that change how the step computes, never the parameters: free to change on resume.
 _SAME_PARAMETERS = ("model.attention", "model.remat", "model.dtype")
+# Data fields that change how batches are read, never which: free to change on resume.
+_SAME_BATCHES = ("data.pretokenize", "data.read_threads", "data.cache_dir")
 
 
 def config_mismatch(
@@ -376,7 +380,7 @@ def config_mismatch(
     prefixes = tuple(prefixes)
     fs, fn = _flatten(saved), _flatten(new)
     for key in sorted(set(fs) | set(fn)):
-        if not key.startswith(prefixes) or key in _SAME_PARAMETERS:
+        if not key.startswith(prefixes) or key in _SAME_PARAMETERS or key in _SAME_BATCHES:
             continue
         if key not in fn:
             return f"{key}: checkpoint has {fs[key]!r}, config lacks it"

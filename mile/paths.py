@@ -16,6 +16,7 @@ The API, for every caller (data preparation included):
   is_remote(p)                 a URL (scheme://) rather than a local path
   path(p) / join(p, *parts)    an epath.Path / a str; local ones made absolute
   exists, isdir, isfile, listdir, makedirs, read_text, read_bytes, open(p, mode)
+  version(p)                   size and modification time of a file, for cache keys
   replacing(p)                 a local temporary file to write; becomes `p` whole, or not at all
   write_text, write_bytes      whole files, atomically
   local_copy(p)                a local file holding `p` (for libraries that need a real file)
@@ -80,6 +81,17 @@ def listdir(p: PathLike) -> list[str]:
     if not is_remote(p):
         return sorted(os.listdir(p))
     return sorted(os.path.basename(e.rstrip("/")) for e in _fs(p).ls(os.fspath(p), detail=False))
+
+
+def version(p: PathLike) -> str:
+    """Size and modification time of a file: what changes when it is rewritten (a cache key that
+    costs one metadata read, not a read of the contents)."""
+    if not is_remote(p):
+        st = os.stat(p)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    info = _fs(p).info(os.fspath(p))
+    stamp = info.get("generation") or info.get("updated") or info.get("mtime") or info.get("etag") or ""
+    return f"{info.get('size')}:{stamp}"
 
 
 def makedirs(p: PathLike) -> None:

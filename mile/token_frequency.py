@@ -1,8 +1,8 @@
 """Token-type counts over the training split, their cache, and frequency buckets.
 
 ``token_counts`` counts every token type over the *training* split, tokenised as the trainer
-does (each document's ids followed by EOS), and caches the counts next to the tokenizer under a
-key of (tokenizer file hash, dataset name/dir/split/text key, number of documents).
+does (each document's ids followed by EOS), and caches the counts in the data cache under a key
+of (tokenizer fingerprint, prepared data key, number of documents).
 
 ``assign_buckets`` ranks types by count, descending, ties broken by the smaller id first, and
 gives each type the bucket in which its span *starts*:
@@ -18,7 +18,6 @@ gives each type the bucket in which its span *starts*:
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Sequence
 
 import numpy as np
@@ -28,28 +27,11 @@ from mile import paths
 BUCKET_NAMES = ("easy", "medium", "difficult")
 
 
-def _file_sha(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with paths.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def counts_cache_path(prepared, source_len: int) -> str:
     """Where the counts of this (tokenizer, training split) pair are cached."""
-    key = "|".join(
-        [
-            _file_sha(prepared.tokenizer_path),
-            prepared.tfds_name,
-            str(prepared.tfds_data_dir),
-            prepared.train_split,
-            prepared.text_key,
-            str(source_len),
-        ]
-    )
+    key = "|".join([prepared.tokenizer.fingerprint, prepared.key, str(source_len)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return paths.join(paths.path(prepared.tokenizer_path).parent, f"token_counts-{digest}.npy")
+    return paths.join(prepared.cache_dir, "token_counts", f"{digest}.npy")
 
 
 def token_counts(prepared, *, batch_docs: int = 1024) -> np.ndarray:
@@ -64,8 +46,9 @@ def token_counts(prepared, *, batch_docs: int = 1024) -> np.ndarray:
     counts = np.zeros(vocab, np.int64)
     for start in range(0, len(source), batch_docs):
         docs = source.__getitems__(list(range(start, min(start + batch_docs, len(source)))))
-        ids = tokenizer.processor.encode(docs)  # same ids as Tokenizer.encode, one call per batch
-        flat = np.concatenate([np.asarray(doc, np.int64) for doc in ids] + [np.zeros(0, np.int64)])
+        if docs and isinstance(docs[0], str):
+            docs = tokenizer.encode_batch(docs)  # the ids DocumentIds gives, one call per batch
+        flat = np.concatenate([np.asarray(doc, np.int64) for doc in docs] + [np.zeros(0, np.int64)])
         counts += np.bincount(flat, minlength=vocab)[:vocab]
     counts[tokenizer.eos_id] += len(source)  # the separator after every document
     with paths.replacing(path) as tmp:  # a present cache file is always complete

@@ -95,7 +95,7 @@ def check_config(cfg, mesh) -> L.LossSpec:
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
             f"lower --config.data.seq_len or raise --config.model.max_seq_len"
         )
-    if d.vocab_size > m.vocab_size:
+    if d.get("tokenizer", "train") == "train" and d.vocab_size > m.vocab_size:
         raise ValueError(
             f"tokenizer vocab data.vocab_size={d.vocab_size} is larger than model.vocab_size={m.vocab_size}; "
             "raise --config.model.vocab_size or lower --config.data.vocab_size"
@@ -139,8 +139,9 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir {workdir} lies under the file {parent}; pass a directory path")
 
 
-def _check_compatible(workdir: str, ckpt_dir: str, config_dict: dict) -> int | None:
-    """The workdir's latest checkpoint step (None if none); ValueError if it is from another model/data."""
+def _check_compatible(workdir: str, ckpt_dir: str, config_dict: dict) -> tuple[int | None, dict | None]:
+    """(the workdir's latest checkpoint step, its saved config), (None, None) if none; ValueError
+    if it is from another model/data."""
     latest, saved = existing_checkpoint(ckpt_dir)
     diff = None if saved is None else config_mismatch(saved, config_dict)
     if diff:
@@ -148,7 +149,7 @@ def _check_compatible(workdir: str, ckpt_dir: str, config_dict: dict) -> int | N
             f"workdir {workdir} holds a checkpoint from an incompatible config ({diff}); "
             "use a new --workdir or restore the old setting"
         )
-    return latest
+    return latest, saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,10 @@ class Run:
 
     @property
     def config_dict(self) -> dict:
-        return json.loads(self.cfg.to_json())
+        """The config saved with each checkpoint, with the fingerprint of the tokenizer in use."""
+        saved = json.loads(self.cfg.to_json())
+        saved[mdata.FINGERPRINT_KEY] = self.prepared.tokenizer.fingerprint
+        return saved
 
 
 def _prepare_data(cfg) -> mdata.PreparedData:
@@ -184,9 +188,10 @@ def _prepare_data(cfg) -> mdata.PreparedData:
     # would otherwise see every host write the same files at once).
     prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
     if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
+        lower = " or lower --config.data.vocab_size" if cfg.data.get("tokenizer", "train") == "train" else ""
         raise ValueError(
             f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-            "raise --config.model.vocab_size or lower --config.data.vocab_size"
+            f"raise --config.model.vocab_size to at least {prepared.tokenizer.vocab_size}{lower}"
         )
     return prepared
 
@@ -199,8 +204,10 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = msharding.make_mesh(cfg.mesh)
     spec = check_config(cfg, mesh)
     ckpt_dir = checkpoint_dir(workdir)
-    latest = _check_compatible(workdir, ckpt_dir, json.loads(cfg.to_json()))
+    latest, saved = _check_compatible(workdir, ckpt_dir, json.loads(cfg.to_json()))
     prepared = _prepare_data(cfg)
+    if saved is not None:
+        mdata.check_fingerprint(prepared, saved, f"workdir {workdir}")
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     resumed = None
     if latest is not None:

@@ -1,4 +1,4 @@
-"""Data for mile: corpus -> TFDS ArrayRecord dataset -> SentencePiece tokenizer -> grain batches.
+"""Data for mile: corpus files -> ArrayRecord store -> tokenizer -> (token store) -> grain batches.
 
 The trainer calls three functions, each with the run config's ``data`` section (a ``DataConfig``,
 or the ConfigDict/dict it is read from; ``mile.data.config`` lists and documents every key)::
@@ -19,12 +19,24 @@ fresh iterator built with the same config/seed/process layout resumes at exactly
 
 Modules: ``config`` (DataConfig), ``prepared`` (prepare, PreparedData), ``iterators``
 (train_iterator, eval_iterator), ``pipeline`` (grain datasets), ``packing``, ``tokenizer``,
-``corpus`` (local files, KJV), ``tfds_corpus`` (ArrayRecord datasets), ``synthetic``.
+``sources`` (input formats), ``corpus`` (the bad-record rule, KJV), ``store`` (sharded
+ArrayRecord stores), ``build`` (units that fill them), ``tfds_corpus`` (TFDS datasets),
+``synthetic``.
 """
 
 from mile.data.config import DataConfig
 from mile.data.iterators import eval_iterator, train_iterator
-from mile.data.prepared import PreparedData, prepare
-from mile.data.tokenizer import Tokenizer
+from mile.data.prepared import FINGERPRINT_KEY, PreparedData, check_fingerprint, prepare
+from mile.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["PreparedData", "DataConfig", "Tokenizer", "prepare", "train_iterator", "eval_iterator"]
+__all__ = [
+    "PreparedData",
+    "DataConfig",
+    "Tokenizer",
+    "prepare",
+    "load_tokenizer",
+    "check_fingerprint",
+    "FINGERPRINT_KEY",
+    "train_iterator",
+    "eval_iterator",
+]

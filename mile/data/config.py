@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from mile import fields
 
 SOURCES = ("kjv", "text", "tfds", "synthetic")
+BAD_RECORDS = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,22 +18,33 @@ class DataConfig:
 
     # "kjv" (Debian's bible-kjv-text) | "text" | "tfds" | "synthetic". Required.
     source: str | None = None
-    # source="text": .txt (blank-line separated documents) / .jsonl files; a command-line
-    # "a.txt,b.jsonl" becomes a tuple.
+    # source="text": files, directories and globs (local or gs://) of .txt (blank-line separated
+    # documents), .jsonl, .jsonl.gz, .jsonl.zst or .parquet (mile.data.sources); a command-line
+    # "a.txt,dir/,shards/*.jsonl.zst" becomes a tuple.
     text_files: tuple[str, ...] = ()
     # source="tfds": a prepared ArrayRecord TFDS dataset, e.g. "c4/en", and its TFDS data_dir.
     tfds_name: str = ""
     tfds_data_dir: str | None = None
-    # The text feature (tfds) / JSONL field (text).
+    # The text feature (tfds) / JSONL field / parquet column (text).
     text_key: str = "text"
+    # A record that is not a document (bad JSON, no text_key, not UTF-8, a null): "error" stops
+    # with its file and line; "skip" skips it and counts it (the count is printed and kept in
+    # the prepared store's manifest.json).
+    bad_records: str = "error"
     # source="tfds": the splits to train and to evaluate on.
     train_split: str = "train"
     eval_split: str = "validation"
     # kjv/text/synthetic: every N-th document is held out for evaluation.
     validation_every: int = 50
-    # SentencePiece vocabulary (must be <= model.vocab_size); synthetic: its id space.
+    # "train": a SentencePiece BPE trained on the train split; or a path (local or gs://) to a
+    # SentencePiece .model or a Hugging Face tokenizer.json, used as is.
+    tokenizer: str = "train"
+    # Store the documents' token ids (uint16 when the vocabulary allows, else int32) so training
+    # only reads and packs; the batches are the same as tokenising on the fly.
+    pretokenize: bool = False
+    # The trained tokenizer's vocabulary (must be <= model.vocab_size); synthetic: its id space.
     vocab_size: int = 8000
-    # source="tfds": documents sampled (strided over the split) to train the tokenizer.
+    # Documents sampled (strided over the train split) to train the tokenizer.
     tokenizer_max_docs: int = 100_000
     # Where corpora, TFDS datasets and tokenizers are cached.
     cache_dir: str = ".cache"
@@ -76,6 +88,14 @@ class DataConfig:
         fields.whole_number("data.shards", self.shards, minimum=0, why=" (0 = one per process)")
         fields.whole_number("data.tokenizer_max_docs", self.tokenizer_max_docs)
         fields.whole_number("data.read_threads", self.read_threads, minimum=0, why=" (0 = main thread)")
+        fields.one_of("data.bad_records", self.bad_records, BAD_RECORDS)
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r}; use 'train' or a path to a SentencePiece .model "
+                "or a tokenizer.json."
+            )
+        if not isinstance(self.pretokenize, bool):
+            raise ValueError(f"data.pretokenize={self.pretokenize!r} must be true or false.")
         if self.synthetic is not None:
             self._set("synthetic", dict(self.synthetic))
 

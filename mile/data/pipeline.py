@@ -1,4 +1,4 @@
-"""grain pipelines: documents -> tokens -> packed windows -> per-process batches.
+"""grain pipelines: documents (text, or ids when pretokenized) -> tokens -> packed windows -> per-process batches.
 
 Each batch is ``{"inputs": int32[B, S], "targets": int32[B, S], "mask": float32[B, S]}`` with
 ``targets[:, t] == inputs[:, t + 1]`` within a window (both cut from one window of S + 1
@@ -20,17 +20,20 @@ from mile.data.packing import PackedWindowsIterDataset
 from mile.data.tokenizer import Tokenizer
 
 
-class _TokenizeWithSeparator:
-    """Document text -> int32 token ids followed by the separator (EOS)."""
+class DocumentIds:
+    """A document -> int32 token ids followed by the separator (EOS). A document is text
+    (tokenised here) or, from a pretokenized store, its ids already: the same ids either way."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
-        self._separator = tokenizer.eos_id
+        self._separator = np.asarray([tokenizer.eos_id], np.int32)
 
-    def __call__(self, text: str) -> np.ndarray:
-        ids = self._tokenizer.encode(text)
-        ids.append(self._separator)
-        return np.asarray(ids, dtype=np.int32)
+    def __call__(self, doc: str | np.ndarray) -> np.ndarray:
+        if isinstance(doc, str):
+            ids = self._tokenizer.encode(doc)
+            ids.append(int(self._separator[0]))
+            return np.asarray(ids, dtype=np.int32)
+        return np.concatenate([np.asarray(doc, np.int32), self._separator])
 
 
 def _window_to_example(window: np.ndarray) -> dict[str, np.ndarray]:
@@ -49,7 +52,7 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _process_shard(source: Sequence[str], process_index: int, process_count: int) -> grain.MapDataset:
+def _process_shard(source: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     shard = grain.MapDataset.source(source)[process_index::process_count]
@@ -66,7 +69,7 @@ def _pack_and_batch(
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1.")
     # Tokenising on the MapDataset lets grain's read threads (if any) do it in parallel.
-    tokens = docs.map(_TokenizeWithSeparator(tokenizer)).to_iter_dataset(
+    tokens = docs.map(DocumentIds(tokenizer)).to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 8 * batch_size))
     )
     windows = PackedWindowsIterDataset(tokens, window=seq_len + 1)

@@ -1,16 +1,54 @@
-"""``prepare``: a data config -> a TFDS ArrayRecord dataset and a tokenizer, each built once."""
+"""``prepare``: a data config -> a document store and a tokenizer (and, pretokenized, a token store),
+each built once and cached under ``data.cache_dir``.
+
+  source kjv/text   corpus files -> text store (``<cache>/text/<key>/``), one unit per file
+  source tfds       an ArrayRecord TFDS dataset, read in place
+  source synthetic  the generated language, stored as ids (``mile.data.synthetic``)
+  tokenizer         ``data.tokenizer``: "train" (SentencePiece on a sample of the train split,
+                    ``<cache>/tokenizers/``) or a SentencePiece .model / HF tokenizer.json path
+  pretokenize       ``data.pretokenize``: the documents' ids in a token store
+                    (``<cache>/tokens/<key>-<tokenizer fingerprint>/``), so training only reads and packs
+
+The text store's key is the files' names, sizes and modification times (and the reading
+options), not their contents: a corpus of hundreds of GB is not read to check its cache.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Sequence
 
-from mile.data import corpus, synthetic, tfds_corpus
+from mile import paths
+from mile.data import build, corpus, sources, store, synthetic, tfds_corpus
 from mile.data.config import DataConfig
-from mile.data.tokenizer import Tokenizer, train_or_load
+from mile.data.tokenizer import Tokenizer, check_usable, load_tokenizer, local_tokenizer, train_or_load
+
+_TEXT_VERSION = "text-v1"  # bump when reading or storing text changes, so old stores are rebuilt
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """Where one split's documents are: a store (optionally a held-out view of it) or a TFDS split."""
+
+    store_dir: str | None = None
+    store_split: str = build.DOCS
+    validation_every: int | None = None  # a HeldOut view of the store's docs
+    held_out: str = "train"  # "train" | "validation": which side of the view
+    tfds: tuple[str, str | None, str, str] | None = None  # (name, data_dir, split, text_key)
+
+    def open(self):
+        if self.tfds is not None:
+            return tfds_corpus.open_source(*self.tfds)
+        docs = store.StoreSource(self.store_dir, self.store_split)
+        if self.validation_every is None:
+            return docs
+        return build.HeldOut(docs, self.validation_every, self.held_out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,36 +56,30 @@ class PreparedData:
     """Everything the iterators need; cheap to rebuild with ``prepare`` once caches exist."""
 
     tokenizer: Tokenizer  # or synthetic.IdTokenizer (same interface) for data.source="synthetic"
-    tokenizer_path: pathlib.Path  # the SentencePiece .model file, to export with checkpoints
-    tfds_name: str
-    tfds_data_dir: str | None
-    text_key: str
-    train_split: str
-    eval_split: str
+    train: SplitSpec
+    eval: SplitSpec
+    key: str  # identifies the documents (and the ids, pretokenized): caches of derived data use it
+    cache_dir: str  # where derived data (token counts) is cached
+    pretokenized: bool = False
 
-    @classmethod
-    def built(cls, tokenizer, data_dir: str | os.PathLike) -> "PreparedData":
-        """A dataset that ``tfds_corpus.MileTextCorpus`` built in ``data_dir`` (kjv, text, synthetic)."""
-        return cls(
-            tokenizer=tokenizer,
-            tokenizer_path=tokenizer.path,
-            tfds_name=tfds_corpus.DATASET_NAME,
-            tfds_data_dir=str(data_dir),
-            text_key="text",  # the built dataset's feature name
-            train_split="train",
-            eval_split="validation",
-        )
+    @property
+    def tokenizer_path(self) -> pathlib.Path:
+        """The file that defines the tokenizer, to export with checkpoints."""
+        return self.tokenizer.path
 
     def open(self, split: str):
-        """The "train" or "eval" split as a random-access sequence of documents (``str``)."""
-        names = {"train": self.train_split, "eval": self.eval_split}
-        if split not in names:
+        """The "train" or "eval" split as a random-access sequence of documents: ``str``, or, when
+        pretokenized, int arrays of ids (the pipeline appends the EOS in both cases)."""
+        if split not in ("train", "eval"):
             raise ValueError(f"split={split!r}; use 'train' or 'eval'")
-        return tfds_corpus.open_source(self.tfds_name, self.tfds_data_dir, names[split], self.text_key)
+        return (self.train if split == "train" else self.eval).open()
 
 
-def prepare(data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = None) -> PreparedData:
-    """Fetches/reads the corpus, builds the TFDS dataset and trains the tokenizer, each once.
+def prepare(
+    data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = None, *, workers: int = 1
+) -> PreparedData:
+    """Reads or fetches the corpus, builds its store, gets the tokenizer and (pretokenize) the token
+    store, each once. ``workers`` processes build the stores (``python -m mile.prepare --workers``).
 
     ``data_cfg``: a DataConfig, or the ``data`` ConfigDict/dict it is read from. On several hosts
     sharing a filesystem, run it on process 0 first (then a barrier), so the hosts do not build
@@ -56,55 +88,157 @@ def prepare(data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = No
     cfg = DataConfig.from_cfg(data_cfg)
     # Absolute, so PreparedData paths stay valid if the caller later changes directory.
     cache_dir = pathlib.Path(cache_dir if cache_dir is not None else cfg.cache_dir).absolute()
+    if cfg.source == "synthetic":  # generated, and its tokens are ids: no tokenizer to train
+        tokenizer, token_dir = synthetic.prepare(cfg, cache_dir)
+        key = f"synthetic:{token_dir.parent.name}"
+        return _held_out(tokenizer, token_dir, cfg.validation_every, key, cache_dir, True)
     if cfg.source == "tfds":
-        return _prepare_tfds(cfg, cache_dir)
-    if cfg.source == "synthetic":  # generated, and its tokens are ids: no SentencePiece
-        return synthetic.prepare(cfg, cache_dir)
-    return _prepare_text(cfg, cache_dir)
+        return _prepare_tfds(cfg, cache_dir, workers)
+    return _prepare_files(cfg, cache_dir, workers)
 
 
-def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
-    """source "kjv" or "text": local documents -> MileTextCorpus dataset + a tokenizer of its train split."""
+def _held_out(tokenizer, store_dir, every: int, key: str, cache_dir, pretokenized: bool) -> PreparedData:
+    def view(side):
+        return SplitSpec(store_dir=str(store_dir), validation_every=every, held_out=side)
+
+    return PreparedData(tokenizer, view("train"), view("validation"), key, str(cache_dir), pretokenized)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_files(cfg: DataConfig, cache_dir: pathlib.Path) -> tuple[list[str], str]:
+    """(the corpus files in order, the text key) of a kjv/text source."""
     if cfg.source == "kjv":
-        files = [corpus.fetch_kjv(cache_dir)]
-        file_key = "text"  # fetch_kjv always writes this field
-    else:
-        files = list(cfg.text_files)
-        file_key = cfg.text_key
-    docs = corpus.read_documents(files, file_key)
-    data_dir = tfds_corpus.build_text_dataset(docs, cache_dir, cfg.validation_every)
-    train_docs, _ = tfds_corpus.split_documents(docs, cfg.validation_every)
-    tokenizer = train_or_load(
-        train_docs,
-        corpus_fingerprint=tfds_corpus.fingerprint(docs, cfg.validation_every),
+        return [str(corpus.fetch_kjv(cache_dir))], "text"  # fetch_kjv always writes this field
+    if not cfg.text_files:
+        raise ValueError("data.source='text' needs data.text_files (files, directories or globs); set it.")
+    return sources.expand(cfg.text_files), cfg.text_key
+
+
+def _prepare_files(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> PreparedData:
+    """source "kjv" or "text": corpus files -> text store -> tokenizer -> (token store)."""
+    files, text_key = corpus_files(cfg, cache_dir)
+    key = _digest([_TEXT_VERSION, [(f, paths.version(f)) for f in files], text_key, cfg.bad_records])
+    text_dir = cache_dir / "text" / key
+    fresh = not store.is_complete(text_dir)
+    manifest = store.build(
+        text_dir,
+        build.text_units(files, text_key, cfg.bad_records),
+        kind="text",
+        dtype=None,
+        meta={"files": files, "text_key": text_key, "bad_records": cfg.bad_records},
+        workers=workers,
+    )
+    if fresh:
+        _report(manifest, len(files))
+    documents = manifest["counts"]["documents"]
+    if documents // cfg.validation_every == 0:
+        raise ValueError(
+            f"corpus has {documents} documents, too few to hold out 1 in {cfg.validation_every}; "
+            "add documents or lower data.validation_every."
+        )
+    text = _held_out(None, text_dir, cfg.validation_every, key, cache_dir, False)
+    tokenizer = _tokenizer(
+        cfg, cache_dir, lambda: text.open("train"), f"{key}|{cfg.validation_every}|{cfg.tokenizer_max_docs}"
+    )
+    if not cfg.pretokenize:
+        return dataclasses.replace(text, tokenizer=tokenizer)
+    dtype = store.token_dtype(tokenizer.vocab_size)
+    token_dir = cache_dir / "tokens" / f"{key}-{tokenizer.fingerprint}"
+    store.build(
+        token_dir,
+        build.token_units_from_store(text_dir, str(tokenizer.path), dtype),
+        kind="tokens",
+        dtype=dtype,
+        meta={"text_store": str(text_dir), "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
+        workers=workers,
+    )
+    return _held_out(tokenizer, token_dir, cfg.validation_every, f"{key}-{tokenizer.fingerprint}", cache_dir, True)
+
+
+def _report(manifest: dict, num_files: int) -> None:
+    """One line on what the corpus held, so nothing is dropped without a word."""
+    c = manifest["counts"]
+    line = f"prepared {c['documents']} documents from {num_files} file(s)"
+    if c.get("empty"):
+        line += f"; {c['empty']} empty record(s) not kept"
+    if c.get("malformed"):
+        first = "; ".join(manifest["malformed_examples"][:3])
+        line += f"; {c['malformed']} malformed record(s) skipped (data.bad_records=skip), first: {first}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _tokenizer(cfg: DataConfig, cache_dir: pathlib.Path, train_docs, sample_key: str) -> Tokenizer:
+    """``data.tokenizer``: a given file, or SentencePiece trained on a strided sample of the train split."""
+    if cfg.tokenizer != "train":
+        return check_usable(load_tokenizer(local_tokenizer(cfg.tokenizer, cache_dir)))
+    docs = train_docs()
+    # A strided sample over the whole split rather than its first documents.
+    stride = max(1, len(docs) // cfg.tokenizer_max_docs)
+    sample = range(0, len(docs), stride)[: cfg.tokenizer_max_docs]
+    return train_or_load(
+        (docs[i] for i in sample),
+        corpus_fingerprint=hashlib.sha256(sample_key.encode()).hexdigest()[:16],
         vocab_size=cfg.vocab_size,
         cache_dir=cache_dir,
     )
-    return PreparedData.built(tokenizer, data_dir)
 
 
-def _prepare_tfds(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
-    """source "tfds": an already-built ArrayRecord dataset + a tokenizer of a sample of its train split."""
+def _open_tfds_split(name: str, data_dir: str | None, text_key: str, split: str):
+    return tfds_corpus.open_source(name, data_dir, split, text_key)
+
+
+def _prepare_tfds(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> PreparedData:
+    """source "tfds": an already-built ArrayRecord dataset, a tokenizer, and (pretokenize) its ids."""
     name, data_dir, text_key = cfg.tfds_name, cfg.tfds_data_dir, cfg.text_key
-    train_source = tfds_corpus.open_source(name, data_dir, cfg.train_split, text_key)
-    tfds_corpus.open_source(name, data_dir, cfg.eval_split, text_key)  # fail now, not at first eval
-    max_docs = cfg.tokenizer_max_docs
-    # A strided sample over the whole split, rather than its first documents.
-    stride = max(1, len(train_source) // max_docs)
-    sample = range(0, len(train_source), stride)[:max_docs]
-    key = f"{name}|{data_dir}|{cfg.train_split}|{text_key}|{len(train_source)}|{max_docs}"
-    tokenizer = train_or_load(
-        (train_source[i] for i in sample),
-        corpus_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
-        vocab_size=cfg.vocab_size,
-        cache_dir=cache_dir,
+    opener = functools.partial(_open_tfds_split, name, data_dir, text_key)
+    train_source = opener(cfg.train_split)
+    eval_source = opener(cfg.eval_split)  # fail now, not at first eval
+    key = f"{name}|{data_dir}|{cfg.train_split}|{text_key}|{len(train_source)}"
+    tokenizer = _tokenizer(cfg, cache_dir, lambda: train_source, f"{key}|{cfg.tokenizer_max_docs}")
+    key = f"{key}|{cfg.eval_split}"
+    splits = {"train": cfg.train_split, "eval": cfg.eval_split}
+    if not cfg.pretokenize:
+        train, eval_ = (SplitSpec(tfds=(name, data_dir, splits[s], text_key)) for s in ("train", "eval"))
+        return PreparedData(tokenizer, train, eval_, _digest(key), str(cache_dir))
+    dtype = store.token_dtype(tokenizer.vocab_size)
+    token_key = f"{_digest(key)}-{tokenizer.fingerprint}"
+    token_dir = cache_dir / "tokens" / token_key
+    lengths = {cfg.train_split: len(train_source), cfg.eval_split: len(eval_source)}
+    store.build(
+        token_dir,
+        build.token_units_from_source(opener, lengths, str(tokenizer.path), dtype),
+        kind="tokens",
+        dtype=dtype,
+        meta={"tfds": key, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
+        workers=workers,
     )
-    return PreparedData(
-        tokenizer=tokenizer,
-        tokenizer_path=tokenizer.path,
-        tfds_name=name,
-        tfds_data_dir=None if data_dir is None else str(data_dir),
-        text_key=text_key,
-        train_split=cfg.train_split,
-        eval_split=cfg.eval_split,
-    )
+    train, eval_ = (SplitSpec(store_dir=str(token_dir), store_split=splits[s]) for s in ("train", "eval"))
+    return PreparedData(tokenizer, train, eval_, token_key, str(cache_dir), pretokenized=True)
+
+
+# The key under which a run's saved config records the fingerprint of its tokenizer.
+FINGERPRINT_KEY = "tokenizer_fingerprint"
+
+
+def check_fingerprint(prepared: PreparedData, saved_config: dict, what: str) -> None:
+    """ValueError unless the tokenizer is the one recorded in a run's saved config (configs saved
+    before fingerprints were recorded accept any)."""
+    expected = saved_config.get(FINGERPRINT_KEY)
+    got = prepared.tokenizer.fingerprint
+    if expected is not None and expected != got:
+        name = (saved_config.get("data") or {}).get("tokenizer", "train")
+        raise ValueError(
+            f"{what} was trained with tokenizer {expected}, but data.tokenizer={name!r} gives {got} "
+            f"({prepared.tokenizer.path}); use the tokenizer the run was trained with, or a new --workdir"
+        )
+
+
+def describe(prepared: PreparedData) -> Sequence[str]:
+    """Lines for the ``mile.prepare`` CLI: what each split holds and where."""
+    lines = [f"tokenizer: {prepared.tokenizer.path} ({prepared.tokenizer.vocab_size} ids)"]
+    for split in ("train", "eval"):
+        lines.append(f"{split}: {len(prepared.open(split))} documents ({'ids' if prepared.pretokenized else 'text'})")
+    return lines

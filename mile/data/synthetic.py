@@ -39,9 +39,9 @@ MiLe's weight ``(sigma + H)^gamma`` depends only on the context, so within a con
 is still the true distribution and it can only move capacity *between* contexts: towards flat and
 multi-label ones, away from deterministic ones.
 
-Tokens are the ids: documents are stored as text of space-separated decimal ids in the same
-TFDS ArrayRecord dataset as every other corpus, and ``IdTokenizer`` maps that text back to ids,
-so no SentencePiece model is trained. Everything is generated from the config (nothing is
+Tokens are the ids: documents are stored as ids in a token store (``mile.data.store``), read by
+the same pipeline as a pretokenized corpus, and ``IdTokenizer`` maps text of space-separated
+decimal ids to ids (for evaluation prompts), so no SentencePiece model is trained. Everything is generated from the config (nothing is
 downloaded) and cached under ``<cache_dir>/synthetic/<key>/``: ``language.npz`` holds the
 transition table, each type's kind, the stationary distribution and, for every held-out
 position, the true entropy of its context and the true log-probability of its target.
@@ -50,6 +50,7 @@ position, the true entropy of its context and the true log-probability of its ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -300,9 +301,15 @@ class IdTokenizer:
     def vocab_size(self) -> int:
         return self.size
 
+    kind = "ids"
+
     @property
-    def processor(self) -> "IdTokenizer":  # mile.token_frequency batch-encodes via tokenizer.processor
-        return self
+    def fingerprint(self) -> str:
+        # The ids are the tokens: only the size of the id space can differ.
+        return f"ids-{self.size}"
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
         if not isinstance(text, str):
@@ -334,35 +341,33 @@ def load_language(path: str | os.PathLike) -> tuple[Language, dict[str, np.ndarr
     return language, data
 
 
-def prepare(data_cfg: Any, cache_dir: pathlib.Path):
-    """Generates (once) the language and its TFDS dataset; returns ``mile.data.PreparedData``."""
-    from mile.data import tfds_corpus
-    from mile.data.prepared import PreparedData  # it imports this module
+def prepare(data_cfg: Any, cache_dir: pathlib.Path) -> tuple[IdTokenizer, pathlib.Path]:
+    """Generates (once) the language and its documents; returns (its tokenizer, the token store).
+
+    The store (``mile.data.store``, kind "tokens") holds every document's ids in order; the
+    train/validation split is the usual held-out view over it (``mile.data.build.HeldOut``).
+    """
+    from mile.data import build, store
 
     spec = SyntheticSpec.from_config(data_cfg)
     root = pathlib.Path(cache_dir) / "synthetic" / spec.key()
     language_path = root / "language.npz"
-    data_dir = root / "tfds"
-    if not language_path.is_file():
+    store_dir = root / "store"
+    if not (language_path.is_file() and store.is_complete(store_dir)):
         language = build_language(spec)
         # The split rule holds out every validation_every-th document; generate enough that
         # the training split has about train_tokens tokens.
         total = int(spec.train_tokens * spec.validation_every / (spec.validation_every - 1))
         docs = sample_documents(language, total, spec.seed)
-        _, heldout = tfds_corpus.split_documents(docs, spec.validation_every)
-        builder = tfds_corpus.MileTextCorpus(
-            documents=[ids_to_text(d) for d in docs],
-            validation_every=spec.validation_every,
-            data_dir=str(data_dir),
+        heldout = [d for i, d in enumerate(docs) if (i + 1) % spec.validation_every == 0]
+        dtype = store.token_dtype(spec.vocab_size)
+        store.build(
+            store_dir,
+            [store.Unit(0, functools.partial(_write_documents, docs, dtype))],
+            kind="tokens",
+            dtype=dtype,
+            meta={"synthetic": dataclasses.asdict(spec)},
         )
-        if not builder.is_prepared():
-            import tensorflow_datasets as tfds
-
-            tfds.disable_progress_bar()
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-            )
         entropy, logp = position_truth(language, heldout_stream(heldout))
         root.mkdir(parents=True, exist_ok=True)
         # Last: a present language.npz means a complete dataset.
@@ -376,4 +381,13 @@ def prepare(data_cfg: Any, cache_dir: pathlib.Path):
                 heldout_logp=logp,
                 spec=np.asarray(json.dumps(dataclasses.asdict(spec))),
             )
-    return PreparedData.built(IdTokenizer(path=language_path, size=spec.vocab_size), data_dir)
+    return IdTokenizer(path=language_path, size=spec.vocab_size), store_dir
+
+
+def _write_documents(docs: Sequence[Sequence[int]], dtype, directory: pathlib.Path, index: int) -> dict:
+    from mile.data import build, store
+
+    writer = store.ShardWriter(directory, build.DOCS, index)
+    for doc in docs:
+        writer.write(np.asarray(doc).astype(dtype).tobytes())
+    return {"unit": index, "shards": {build.DOCS: writer.close()}, "counts": {"documents": len(docs)}}

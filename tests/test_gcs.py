@@ -57,8 +57,11 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     argv = tiny_launch_argv(tmp_path, wd, OVERRIDES, "tests/launch_with_faults.py")
     env = {**gcs.env, **compile_cache_env(tmp_path / "xla")}  # the rerun skips compiling (speed only)
 
-    proc, log = start(argv, tmp_path / "killed.log", MILE_TEST_STEP_SLEEP_S="0.3", **env)
-    wait_for(lambda: steps_on_disk(wd), proc, log, "a first checkpoint on the bucket", WAIT_S)
+    # Held before step 6 (after the checkpoint of step 4): the kill lands mid-run on any machine.
+    hold = {"MILE_TEST_HOLD_AT_CALL": "6", "MILE_TEST_HOLD_FILE": str(tmp_path / "release")}
+    proc, log = start(argv, tmp_path / "killed.log", **hold, **env)
+    held = lambda: list(tmp_path.glob("release.p*")) and steps_on_disk(wd)
+    wait_for(held, proc, log, "the hold before step 6 and step 4 on the bucket", WAIT_S)
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was in flight is cut off
     rc, out = wait(proc, log, 30)
     assert rc == -signal.SIGKILL and steps_on_disk(wd)[-1] < STEPS, out[-3000:]

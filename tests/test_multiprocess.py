@@ -54,16 +54,26 @@ def _committed_steps(workdir):
     return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
 
 
-def _launch_job(root, workdir, log_name, *, step_sleep_s=None):
+def _launch_job(root, workdir, log_name, *, hold_at=None):
     """launch.py as 2 processes on `workdir`, logging to root/log_name, sharing one compile cache.
-    `step_sleep_s`: each step first sleeps that long (tests/launch_with_faults.py)."""
+    `hold_at`: both processes stop before their hold_at-th step until `_release` (tests/launch_with_faults.py)."""
     (root / log_name).mkdir()
-    if step_sleep_s is None:
+    if hold_at is None:
         argv, env = _launch_argv(root, workdir), None
     else:
         argv = _launch_argv(root, workdir, "tests/launch_with_faults.py")
-        env = {"MILE_TEST_STEP_SLEEP_S": str(step_sleep_s)}
+        env = {"MILE_TEST_HOLD_AT_CALL": str(hold_at), "MILE_TEST_HOLD_FILE": str(root / log_name / "release")}
     return Job(argv, num_processes=2, log_dir=root / log_name, compile_cache=root / "jit", env=env)
+
+
+def _held(root, log_name, job):
+    """Waits until both processes of `job` are held (see _launch_job)."""
+    held = lambda: len(list((root / log_name).glob("release.p*"))) == 2
+    _wait_until(held, job, "both processes held")
+
+
+def _release(root, log_name):
+    (root / log_name / "release").touch()
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +118,15 @@ def _wait_until(condition, job, what):
         time.sleep(0.02)
 
 
-def _preempt(job, targets, workdir):
-    """SIGTERM to the processes `targets` of `job`; (the agreed step, seconds to the last exit)."""
+def _preempt(job, targets, workdir, release):
+    """SIGTERM to the processes `targets` of `job` while both are held, then `release()` them;
+    (the agreed step, seconds to the last exit). Held steps leave many steps to go, however slow
+    the machine, so the stop always comes before the run's end."""
     sent = time.monotonic()
     for i in targets:
         job.procs[i].send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the notice reaches the coordinator before the processes move on
+    release()
     codes = job.wait(JOB_TIMEOUT_S)
     took = time.monotonic() - sent
     assert codes == [PREEMPTED_EXIT_CODE] * 2, job.output()
@@ -126,17 +140,18 @@ def _preempt(job, targets, workdir):
 
 @pytest.fixture(scope="module")
 def preempted(root, runs):
-    """launch.py as 2 slowed processes: SIGTERM to process 1 only after the first checkpoint; the
-    rerun gets SIGTERM to both after its first new checkpoint; the third run finishes."""
+    """launch.py as 2 processes: SIGTERM to process 1 only while both are held before step 6; the
+    rerun gets SIGTERM to both while held before its 4th step; the third run finishes."""
     wd = root / "preempted"
     out = {"wd": wd}
-    job = _launch_job(root, wd, "log_term_one", step_sleep_s=0.3)
-    _wait_until(lambda: _committed_steps(wd), job, "a first checkpoint")
-    out["first"], out["first_s"] = _preempt(job, [1], wd)
+    # Held before step 6 (after the checkpoint of step 4), then before the 4th step of the rerun.
+    job = _launch_job(root, wd, "log_term_one", hold_at=6)
+    _held(root, "log_term_one", job)
+    out["first"], out["first_s"] = _preempt(job, [1], wd, lambda: _release(root, "log_term_one"))
     _restore(wd, out["first"])  # complete and verified
-    job = _launch_job(root, wd, "log_term_both", step_sleep_s=0.3)
-    _wait_until(lambda: _committed_steps(wd)[-1] > out["first"], job, "a checkpoint after the resume")
-    out["second"], out["second_s"] = _preempt(job, [0, 1], wd)
+    job = _launch_job(root, wd, "log_term_both", hold_at=4)
+    _held(root, "log_term_both", job)
+    out["second"], out["second_s"] = _preempt(job, [0, 1], wd, lambda: _release(root, "log_term_both"))
     _restore(wd, out["second"])
     job = _launch_job(root, wd, "log_term_rerun")
     assert job.wait(JOB_TIMEOUT_S) == [0, 0], job.output()

@@ -123,15 +123,18 @@ def _wait_for(condition, proc, log, what):
 
 
 def test_sigterm_from_outside_exits_75_and_the_same_command_resumes(root, straight):
-    """The real thing: launch.py, SIGTERM from another process after its first checkpoint, a
-    second SIGTERM right after; exit 75 within a bounded time, then the same command finishes."""
+    """The real thing: launch.py, SIGTERM from another process after its first checkpoint (while
+    held before step 6, so the signal never lands after the run's end however slow the machine),
+    a second SIGTERM right after; exit 75 within a bounded time, then the same command finishes."""
     wd = root / "launched"
-    proc, log = _start(root, wd, MILE_TEST_STEP_SLEEP_S="0.3")
-    _wait_for(lambda: _steps_on_disk(wd), proc, log, "a first checkpoint")
+    release = root / "launched.release"
+    proc, log = _start(root, wd, MILE_TEST_HOLD_AT_CALL="6", MILE_TEST_HOLD_FILE=str(release))
+    _wait_for(lambda: list(root.glob("launched.release.p*")), proc, log, "the hold before step 6")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    release.touch()
     rc, out = _wait(proc, log)
     took = time.monotonic() - sent
     print(f"SIGTERM to exit: {took:.2f} s")

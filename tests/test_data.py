@@ -1,4 +1,4 @@
-"""Tests for mile.data: corpus files, TFDS ArrayRecord round trip, tokenizer cache, packing,
+"""Tests for mile.data: corpus files, tokenizer cache, packing,
 per-process slicing and exact iterator save/restore. Tiny corpora only; no network except the
 one KJV test, which skips when apt is unavailable."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mile.data as md
-from mile.data import corpus, pipeline, tfds_corpus, tokenizer
+from mile.data import corpus, pipeline, tokenizer
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_jsonl_documents_use_the_text_key(tmp_path):
         (lambda p: p / "missing.txt", "does not exist"),
         (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "no documents"),
         (lambda p: (p / "empty.jsonl").write_text("") or p / "empty.jsonl", "no documents"),
-        (lambda p: (p / "c.csv").write_text("x") and p / "c.csv", "unsupported suffix"),
+        (lambda p: (p / "c.csv").write_text("x") and p / "c.csv", "unsupported name"),
     ],
 )
 def test_bad_corpus_files_give_one_line_errors(tmp_path, make, match):
@@ -173,27 +173,6 @@ def test_bad_data_config_is_a_one_line_error(fields, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-# --- TFDS ArrayRecord ---------------------------------------------------------------------
-
-
-def test_tfds_round_trip_keeps_documents_and_splits(tmp_path):
-    docs = [f"doc {i}\nsecond line é ✓" for i in range(23)]
-    data_dir = tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5)
-    train = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "train")
-    validation = tfds_corpus.open_source(tfds_corpus.DATASET_NAME, data_dir, "validation")
-    assert [validation[i] for i in range(len(validation))] == [docs[i] for i in (4, 9, 14, 19)]
-    assert [train[i] for i in range(len(train))] == [d for i, d in enumerate(docs) if (i + 1) % 5]
-    assert list(data_dir.glob("*/1.0.0/*.array_record-*")), "expected ArrayRecord files"
-    # Building again is a no-op that returns the same directory.
-    assert tfds_corpus.build_text_dataset(docs, tmp_path, validation_every=5) == data_dir
-    assert "tensorflow" not in sys.modules
-
-
-def test_too_few_documents_for_a_validation_split(tmp_path):
-    with pytest.raises(ValueError, match="validation_every"):
-        tfds_corpus.build_text_dataset(["a", "b"], tmp_path, validation_every=50)
-
-
 # --- tokenizer ----------------------------------------------------------------------------
 
 
@@ -218,7 +197,7 @@ def test_prepare_is_idempotent(text_cfg, trainings):
     cfg, prepared = text_cfg
     again = md.prepare(cfg)
     assert trainings == []
-    assert again.tokenizer_path == prepared.tokenizer_path and again.tfds_data_dir == prepared.tfds_data_dir
+    assert again.tokenizer_path == prepared.tokenizer_path and again.train == prepared.train
     assert prepared.tokenizer.vocab_size == 400
 
 

@@ -210,7 +210,7 @@ def test_id_tokenizer_round_trip_and_bad_ids(tmp_path):
     tok = syn.IdTokenizer(path=tmp_path / "language.npz", size=100)
     assert tok.encode("5 17 99") == [5, 17, 99]
     assert tok.decode([5, 17, 99]) == "5 17 99"
-    assert tok.processor.encode(["1 2", "3"]) == [[1, 2], [3]]
+    assert tok.encode_batch(["1 2", "3"]) == [[1, 2], [3]]
     with pytest.raises(ValueError, match="out of range"):
         tok.encode("5 100")
     with pytest.raises(ValueError, match="space-separated token ids"):

@@ -72,7 +72,7 @@ def _write_ids(writer: store.ShardWriter, tokenizer: Tokenizer, docs: Sequence, 
     return tokens
 
 
-def token_units_from_store(text_dir: pathlib.Path, tokenizer_path: str, dtype: np.dtype) -> list[store.Unit]:
+def token_units_from_store(text_dir: str, tokenizer_path: str, dtype: np.dtype) -> list[store.Unit]:
     """One unit per shard of a text store, in its order: the token store's ``docs`` lists the same
     documents in the same order."""
     manifest = store.read_manifest(text_dir)
@@ -90,7 +90,7 @@ def _token_unit_from_shard(
     writer = store.ShardWriter(directory, DOCS, index)
     tokens = documents = 0
     try:
-        records = store.iter_records(pathlib.Path(text_dir), name)
+        records = store.iter_records(text_dir, name)
         for chunk in store.batched((r.decode("utf-8") for r in records), _TOKENIZE_BATCH):
             tokens += _write_ids(writer, tokenizer, chunk, dtype)
             documents += len(chunk)

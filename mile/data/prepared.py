@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any, Sequence
 
 from mile import paths
@@ -75,26 +76,51 @@ class PreparedData:
         return (self.train if split == "train" else self.eval).open()
 
 
+@dataclasses.dataclass(frozen=True)
+class Builder:
+    """Who builds the stores: ``workers`` local processes, or a Beam ``runner`` (mile.data.store.build)."""
+
+    workers: int = 1
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()
+
+    def build(self, directory, units, **kwargs) -> dict:
+        return store.build(
+            directory, units, workers=self.workers, runner=self.runner, beam_options=self.beam_options, **kwargs
+        )
+
+
 def prepare(
-    data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = None, *, workers: int = 1
+    data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = None, *, builder: Builder | None = None
 ) -> PreparedData:
     """Reads or fetches the corpus, builds its store, gets the tokenizer and (pretokenize) the token
-    store, each once. ``workers`` processes build the stores (``python -m mile.prepare --workers``).
+    store, each once. ``builder`` says who builds the stores (``python -m mile.prepare`` sets it;
+    default: this process).
 
     ``data_cfg``: a DataConfig, or the ``data`` ConfigDict/dict it is read from. On several hosts
     sharing a filesystem, run it on process 0 first (then a barrier), so the hosts do not build
-    the same cache at the same time; afterwards it only reads caches.
+    the same cache at the same time; afterwards it only reads caches. A gs:// ``cache_dir`` can be
+    built (by a Beam runner on Dataflow, say) but not trained from: ArrayRecord reads files only.
     """
     cfg = DataConfig.from_cfg(data_cfg)
+    builder = builder or Builder()
     # Absolute, so PreparedData paths stay valid if the caller later changes directory.
-    cache_dir = pathlib.Path(cache_dir if cache_dir is not None else cfg.cache_dir).absolute()
+    cache_dir = paths.join(cache_dir if cache_dir is not None else cfg.cache_dir)
     if cfg.source == "synthetic":  # generated, and its tokens are ids: no tokenizer to train
-        tokenizer, token_dir = synthetic.prepare(cfg, cache_dir)
+        tokenizer, token_dir = synthetic.prepare(cfg, pathlib.Path(cache_dir))
         key = f"synthetic:{token_dir.parent.name}"
         return _held_out(tokenizer, token_dir, cfg.validation_every, key, cache_dir, True)
     if cfg.source == "tfds":
-        return _prepare_tfds(cfg, cache_dir, workers)
-    return _prepare_files(cfg, cache_dir, workers)
+        return _prepare_tfds(cfg, cache_dir, builder)
+    return _prepare_files(cfg, cache_dir, builder)
+
+
+def _local_cache(cache_dir: str) -> pathlib.Path:
+    """Where tokenizers (and the KJV download) are cached: the cache itself, or, for a gs:// one,
+    a local directory (SentencePiece and tokenizers read local files only)."""
+    if paths.is_remote(cache_dir):
+        return pathlib.Path(tempfile.gettempdir()) / "mile-cache" / hashlib.sha256(cache_dir.encode()).hexdigest()[:16]
+    return pathlib.Path(cache_dir)
 
 
 def _held_out(tokenizer, store_dir, every: int, key: str, cache_dir, pretokenized: bool) -> PreparedData:
@@ -108,32 +134,37 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def corpus_files(cfg: DataConfig, cache_dir: pathlib.Path) -> tuple[list[str], str]:
+def corpus_files(cfg: DataConfig, cache_dir: str) -> tuple[list[str], str]:
     """(the corpus files in order, the text key) of a kjv/text source."""
     if cfg.source == "kjv":
-        return [str(corpus.fetch_kjv(cache_dir))], "text"  # fetch_kjv always writes this field
+        return [str(corpus.fetch_kjv(_local_cache(cache_dir)))], "text"  # it always writes this field
     if not cfg.text_files:
         raise ValueError("data.source='text' needs data.text_files (files, directories or globs); set it.")
     return sources.expand(cfg.text_files), cfg.text_key
 
 
-def _prepare_files(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> PreparedData:
+def _prepare_files(cfg: DataConfig, cache_dir: str, builder: Builder) -> PreparedData:
     """source "kjv" or "text": corpus files -> text store -> tokenizer -> (token store)."""
     files, text_key = corpus_files(cfg, cache_dir)
     key = _digest([_TEXT_VERSION, [(f, paths.version(f)) for f in files], text_key, cfg.bad_records])
-    text_dir = cache_dir / "text" / key
+    text_dir = paths.join(cache_dir, "text", key)
     fresh = not store.is_complete(text_dir)
-    manifest = store.build(
+    manifest = builder.build(
         text_dir,
         build.text_units(files, text_key, cfg.bad_records),
         kind="text",
         dtype=None,
         meta={"files": files, "text_key": text_key, "bad_records": cfg.bad_records},
-        workers=workers,
     )
     if fresh:
         _report(manifest, len(files))
     documents = manifest["counts"]["documents"]
+    if documents == 0:
+        names = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ValueError(
+            f"corpus {names} is empty: no documents ({manifest['counts'].get('empty', 0)} empty records); "
+            "add text (see mile.data.sources for the formats)."
+        )
     if documents // cfg.validation_every == 0:
         raise ValueError(
             f"corpus has {documents} documents, too few to hold out 1 in {cfg.validation_every}; "
@@ -146,14 +177,13 @@ def _prepare_files(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> Pr
     if not cfg.pretokenize:
         return dataclasses.replace(text, tokenizer=tokenizer)
     dtype = store.token_dtype(tokenizer.vocab_size)
-    token_dir = cache_dir / "tokens" / f"{key}-{tokenizer.fingerprint}"
-    store.build(
+    token_dir = paths.join(cache_dir, "tokens", f"{key}-{tokenizer.fingerprint}")
+    builder.build(
         token_dir,
         build.token_units_from_store(text_dir, str(tokenizer.path), dtype),
         kind="tokens",
         dtype=dtype,
-        meta={"text_store": str(text_dir), "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
-        workers=workers,
+        meta={"text_store": text_dir, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
     )
     return _held_out(tokenizer, token_dir, cfg.validation_every, f"{key}-{tokenizer.fingerprint}", cache_dir, True)
 
@@ -170,10 +200,10 @@ def _report(manifest: dict, num_files: int) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _tokenizer(cfg: DataConfig, cache_dir: pathlib.Path, train_docs, sample_key: str) -> Tokenizer:
+def _tokenizer(cfg: DataConfig, cache_dir: str, train_docs, sample_key: str) -> Tokenizer:
     """``data.tokenizer``: a given file, or SentencePiece trained on a strided sample of the train split."""
     if cfg.tokenizer != "train":
-        return check_usable(load_tokenizer(local_tokenizer(cfg.tokenizer, cache_dir)))
+        return check_usable(load_tokenizer(local_tokenizer(cfg.tokenizer, _local_cache(cache_dir))))
     docs = train_docs()
     # A strided sample over the whole split rather than its first documents.
     stride = max(1, len(docs) // cfg.tokenizer_max_docs)
@@ -182,7 +212,7 @@ def _tokenizer(cfg: DataConfig, cache_dir: pathlib.Path, train_docs, sample_key:
         (docs[i] for i in sample),
         corpus_fingerprint=hashlib.sha256(sample_key.encode()).hexdigest()[:16],
         vocab_size=cfg.vocab_size,
-        cache_dir=cache_dir,
+        cache_dir=_local_cache(cache_dir),
     )
 
 
@@ -190,7 +220,7 @@ def _open_tfds_split(name: str, data_dir: str | None, text_key: str, split: str)
     return tfds_corpus.open_source(name, data_dir, split, text_key)
 
 
-def _prepare_tfds(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> PreparedData:
+def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder) -> PreparedData:
     """source "tfds": an already-built ArrayRecord dataset, a tokenizer, and (pretokenize) its ids."""
     name, data_dir, text_key = cfg.tfds_name, cfg.tfds_data_dir, cfg.text_key
     opener = functools.partial(_open_tfds_split, name, data_dir, text_key)
@@ -205,15 +235,14 @@ def _prepare_tfds(cfg: DataConfig, cache_dir: pathlib.Path, workers: int) -> Pre
         return PreparedData(tokenizer, train, eval_, _digest(key), str(cache_dir))
     dtype = store.token_dtype(tokenizer.vocab_size)
     token_key = f"{_digest(key)}-{tokenizer.fingerprint}"
-    token_dir = cache_dir / "tokens" / token_key
+    token_dir = paths.join(cache_dir, "tokens", token_key)
     lengths = {cfg.train_split: len(train_source), cfg.eval_split: len(eval_source)}
-    store.build(
+    builder.build(
         token_dir,
         build.token_units_from_source(opener, lengths, str(tokenizer.path), dtype),
         kind="tokens",
         dtype=dtype,
         meta={"tfds": key, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
-        workers=workers,
     )
     train, eval_ = (SplitSpec(store_dir=str(token_dir), store_split=splits[s]) for s in ("train", "eval"))
     return PreparedData(tokenizer, train, eval_, token_key, str(cache_dir), pretokenized=True)
@@ -239,6 +268,11 @@ def check_fingerprint(prepared: PreparedData, saved_config: dict, what: str) -> 
 def describe(prepared: PreparedData) -> Sequence[str]:
     """Lines for the ``mile.prepare`` CLI: what each split holds and where."""
     lines = [f"tokenizer: {prepared.tokenizer.path} ({prepared.tokenizer.vocab_size} ids)"]
+    what = "ids" if prepared.pretokenized else "text"
     for split in ("train", "eval"):
-        lines.append(f"{split}: {len(prepared.open(split))} documents ({'ids' if prepared.pretokenized else 'text'})")
+        spec = prepared.train if split == "train" else prepared.eval
+        if spec.store_dir is not None and paths.is_remote(spec.store_dir):
+            lines.append(f"{split}: {what} in {spec.store_dir} (mount it or copy it to a local disk to train)")
+        else:
+            lines.append(f"{split}: {len(prepared.open(split))} documents ({what})")
     return lines

@@ -207,7 +207,9 @@ def _expand_one(pattern: str) -> list[str]:
         return sorted(m for m in matches if format_of(m) and paths.isfile(m))
     if format_of(pattern) is None:
         raise ValueError(f"corpus file {pattern} has an unsupported name; use one of {', '.join(FORMATS)}.")
-    return [pattern] if paths.isfile(pattern) else []
+    if not paths.isfile(pattern):
+        raise ValueError(f"corpus file {pattern} does not exist; check data.text_files.")
+    return [pattern]
 
 
 def _split_glob(pattern: str) -> tuple[str, str]:

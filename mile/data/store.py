@@ -12,7 +12,9 @@ Every split is the concatenation of its shards in (unit, part) order, read with 
 vocabulary fits, else ``int32``; the EOS the pipeline puts after a document is not stored).
 
 Building (``build``) runs independent units (an input file, or a shard of another store) in
-``workers`` processes; each unit writes its own shards, then its ``units/`` entry. A build killed
+``workers`` processes, or as an Apache Beam pipeline on any runner (Dataflow, Flink, Spark; the
+DirectRunner here); each unit writes its own shards, then its ``units/`` entry, and the same
+units give the same files whichever runs them. A build killed
 midway leaves no manifest, so nothing reads it as complete; running it again keeps the finished
 units and redoes the rest. The files are written uncompressed with one record per group, so a
 random read touches one record.
@@ -27,12 +29,13 @@ import multiprocessing
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mile import atomic
+from mile import paths
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -108,16 +111,34 @@ class Unit:
     label: str = ""
 
 
-def _unit_path(directory: pathlib.Path, index: int) -> pathlib.Path:
-    return directory / "units" / f"{index:05d}.json"
+def _unit_path(directory: str, index: int) -> str:
+    return paths.join(directory, "units", f"{index:05d}.json")
 
 
-def _run_unit(directory: pathlib.Path, unit: Unit) -> dict:
+def _run_unit(directory: str, unit: Unit) -> dict:
+    """Runs one unit; its ``units/`` entry is written after its shards. A remote store (gs://) is
+    written through a local directory: ArrayRecord writes only to a filesystem."""
     started = time.perf_counter()
-    summary = dict(unit.run(directory, unit.index))
+    if paths.is_remote(directory):
+        with tempfile.TemporaryDirectory(prefix="mile-unit-") as local:
+            summary = dict(unit.run(pathlib.Path(local), unit.index))
+            paths.upload_tree(local, directory)
+    else:
+        summary = dict(unit.run(pathlib.Path(directory), unit.index))
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    atomic.write_text(_unit_path(directory, unit.index), json.dumps(summary))
+    paths.write_text(_unit_path(directory, unit.index), json.dumps(summary))
     return summary
+
+
+class _RunUnits:
+    """The Beam step: runs each unit it is given (a class, so runners can pickle it)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __call__(self, unit: Unit) -> int:
+        _run_unit(self.directory, unit)
+        return unit.index
 
 
 def build(
@@ -128,33 +149,66 @@ def build(
     dtype: np.dtype | None,
     meta: dict,
     workers: int = 1,
+    runner: str = "local",
+    beam_options: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Builds the store at ``directory`` (unless its manifest exists) and returns the manifest."""
-    directory = pathlib.Path(directory)
-    manifest_path = directory / MANIFEST
-    if manifest_path.is_file():
+    """Builds the store at ``directory`` (unless its manifest exists) and returns the manifest.
+
+    ``runner="local"`` runs the units in ``workers`` processes of this machine; any other value is
+    an Apache Beam runner ("DirectRunner", "DataflowRunner", "FlinkRunner", ...), given
+    ``beam_options`` (its command-line options), which runs them wherever it runs its workers:
+    they must all be able to write ``directory`` (a gs:// URL, or a shared filesystem).
+    """
+    directory = os.fspath(directory)
+    if paths.isfile(paths.join(directory, MANIFEST)):
         return read_manifest(directory)
-    (directory / "units").mkdir(parents=True, exist_ok=True)
+    paths.makedirs(paths.join(directory, "units"))
     done = {u.index: _read_unit(directory, u.index) for u in units}
     todo = [u for u in units if done[u.index] is None]
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     if len(todo) < len(units):
         say(f"{directory}: {len(units) - len(todo)} of {len(units)} units already done, resuming")
-    started = last_said = time.perf_counter()
-    for summary in _map_units(directory, todo, workers):
-        done[summary["unit"]] = summary
-        now = time.perf_counter()
-        if now - last_said > 30:  # progress on long builds only
-            finished = sum(s is not None for s in done.values())
-            say(f"{directory}: {finished}/{len(units)} units ({now - started:.0f} s)")
-            last_said = now
+    if runner == "local":
+        started = last_said = time.perf_counter()
+        for summary in _map_units(directory, todo, workers):
+            done[summary["unit"]] = summary
+            now = time.perf_counter()
+            if now - last_said > 30:  # progress on long builds only
+                finished = sum(s is not None for s in done.values())
+                say(f"{directory}: {finished}/{len(units)} units ({now - started:.0f} s)")
+                last_said = now
+    elif todo:
+        _run_beam(directory, todo, runner, beam_options)
+        done.update({u.index: _read_unit(directory, u.index) for u in todo})
+        missing = [u.label or str(u.index) for u in todo if done[u.index] is None]
+        if missing:
+            raise RuntimeError(f"the {runner} pipeline finished but units {missing[:5]} wrote nothing; see its log.")
     manifest = _manifest([done[u.index] for u in units], kind=kind, dtype=dtype, meta=meta)
-    atomic.write_text(manifest_path, json.dumps(manifest, indent=1))  # last: the commit
+    paths.write_text(paths.join(directory, MANIFEST), json.dumps(manifest, indent=1))  # last: the commit
     return manifest
 
 
-def _map_units(directory: pathlib.Path, units: Sequence[Unit], workers: int) -> Iterator[dict]:
+def _run_beam(directory: str, units: Sequence[Unit], runner: str, beam_options: Sequence[str]) -> None:
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise ValueError(
+            f"runner={runner!r} needs Apache Beam; pip install -r requirements-dev.txt (or apache-beam), "
+            "or run with --workers N on this machine."
+        ) from None
+    options = PipelineOptions(list(beam_options))
+    with beam.Pipeline(runner=runner, options=options) as pipeline:
+        _ = (
+            pipeline
+            | "units" >> beam.Create(list(units))
+            | "spread" >> beam.Reshuffle()  # one unit per worker task, not all in one bundle
+            | "run" >> beam.Map(_RunUnits(directory))
+        )
+
+
+def _map_units(directory: str, units: Sequence[Unit], workers: int) -> Iterator[dict]:
     if workers <= 1 or len(units) <= 1:
         for unit in units:
             yield _run_unit(directory, unit)
@@ -173,14 +227,14 @@ def _map_units(directory: pathlib.Path, units: Sequence[Unit], workers: int) -> 
             raise
 
 
-def _read_unit(directory: pathlib.Path, index: int) -> dict | None:
+def _read_unit(directory: str, index: int) -> dict | None:
     path = _unit_path(directory, index)
-    if not path.is_file():
+    if not paths.isfile(path):
         return None
-    summary = json.loads(path.read_text())
+    summary = json.loads(paths.read_text(path))
     # A unit whose shard files went missing is redone.
     for shards in summary["shards"].values():
-        if any(not (directory / name).is_file() for name, _ in shards):
+        if any(not paths.isfile(paths.join(directory, name)) for name, _ in shards):
             return None
     return summary
 
@@ -210,17 +264,17 @@ def _manifest(summaries: Sequence[dict], *, kind: str, dtype: np.dtype | None, m
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    path = pathlib.Path(directory) / MANIFEST
-    if not path.is_file():
+    path = paths.join(directory, MANIFEST)
+    if not paths.isfile(path):
         raise ValueError(f"{directory} is not a complete prepared dataset (no {MANIFEST}); run mile.prepare.")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(paths.read_text(path))
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{directory} was prepared by another version of mile; delete it and prepare again.")
     return manifest
 
 
 def is_complete(directory: str | os.PathLike) -> bool:
-    return (pathlib.Path(directory) / MANIFEST).is_file()
+    return paths.isfile(paths.join(directory, MANIFEST))
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -232,6 +286,11 @@ class StoreSource:
     def __init__(self, directory: str | os.PathLike, split: str):
         import grain  # reading only
 
+        if paths.is_remote(directory):
+            raise ValueError(
+                f"{directory}: ArrayRecord reads only from a filesystem; mount the bucket (gcsfuse) or copy "
+                "the prepared store to a local disk, and point data.cache_dir there."
+            )
         directory = pathlib.Path(directory)
         manifest = read_manifest(directory)
         if split not in manifest["splits"]:
@@ -259,17 +318,19 @@ class StoreSource:
         return f"StoreSource({str(self.directory)!r}, {self.split!r}, {self._length} {self.kind} documents)"
 
 
-def iter_records(directory: pathlib.Path, name: str, chunk: int = 1024) -> Iterator[bytes]:
-    """The records of one shard file, in order, read in chunks (bounded memory)."""
+def iter_records(directory: str, name: str, chunk: int = 1024) -> Iterator[bytes]:
+    """The records of one shard file, in order, read in chunks (bounded memory); a remote shard
+    is read from a local copy."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    reader = ArrayRecordReader(str(directory / name), "readahead_buffer_size:16777216")
-    try:
-        total = reader.num_records()
-        for start in range(0, total, chunk):
-            yield from reader.read(list(range(start, min(start + chunk, total))))
-    finally:
-        reader.close()
+    with paths.local_copy(paths.join(directory, name)) as local:
+        reader = ArrayRecordReader(str(local), "readahead_buffer_size:16777216")
+        try:
+            total = reader.num_records()
+            for start in range(0, total, chunk):
+                yield from reader.read(list(range(start, min(start + chunk, total))))
+        finally:
+            reader.close()
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -1,104 +1,15 @@
-"""Local documents -> a TFDS dataset stored as ArrayRecord, written and read without TensorFlow.
+"""TFDS datasets stored as ArrayRecord, read without TensorFlow (data.source="tfds").
 
-``build_text_dataset`` writes ``<data_dir>/mile_text_corpus/1.0.0/`` with splits ``train`` and
-``validation`` (every ``validation_every``-th document, counting from 1, is held out) and one
-feature, ``text`` (string). ``data_dir`` is keyed by a fingerprint of the documents and the
-split rule, so a changed corpus gets a fresh dataset instead of a stale one.
-
-``open_source`` opens any ArrayRecord TFDS dataset (this one, or a catalogue one such as
-``c4/en``) as a random-access source of documents (``str``).
+``open_source`` opens an ArrayRecord TFDS dataset (a catalogue one such as ``c4/en``, or one a
+Beam pipeline built) as a random-access source of documents (``str``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pathlib
 from typing import Sequence
 
-from etils import epath
 import tensorflow_datasets as tfds
-
-DATASET_NAME = "mile_text_corpus"
-_VERSION = "1.0.0"
-
-
-def split_documents(docs: Sequence[str], validation_every: int) -> tuple[list[str], list[str]]:
-    """Deterministic hold-out: document i (0-based) is validation iff (i + 1) % validation_every == 0."""
-    if validation_every < 2:
-        raise ValueError(
-            f"validation_every={validation_every} must be >= 2 (1 in N documents is held out); e.g. 50."
-        )
-    train = [d for i, d in enumerate(docs) if (i + 1) % validation_every]
-    validation = [d for i, d in enumerate(docs) if (i + 1) % validation_every == 0]
-    if not validation:
-        raise ValueError(
-            f"corpus has {len(docs)} documents, too few to hold out 1 in {validation_every}; add documents or lower data.validation_every."
-        )
-    return train, validation
-
-
-def fingerprint(docs: Sequence[str], validation_every: int) -> str:
-    """A short stable hash of the documents (and their order) plus the split rule."""
-    h = hashlib.sha256(f"{DATASET_NAME}:{_VERSION}:{validation_every}:{len(docs)}".encode())
-    for doc in docs:
-        data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))  # length-prefixed, so doc boundaries count.
-        h.update(data)
-    return h.hexdigest()[:16]
-
-
-class MileTextCorpus(tfds.core.GeneratorBasedBuilder):
-    """Documents given in memory; reading an already-built copy needs no documents."""
-
-    VERSION = tfds.core.Version(_VERSION)
-    # TFDS derives this from the module's package resources, which imports `importlib_resources`
-    # (not installed here); the file's own path is all it needs (to look for checksums.tsv).
-    code_path = epath.Path(__file__)
-
-    def __init__(self, *, documents: Sequence[str] | None = None, validation_every: int = 50, **kwargs):
-        self._documents = documents
-        self._validation_every = validation_every
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            # Keep document order: the split rule and tests rely on it; the pipeline shuffles.
-            disable_shuffling=True,
-            description="Local text documents, one example per document.",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Everything is local.
-        if self._documents is None:
-            raise ValueError(
-                "MileTextCorpus needs documents= to build; use mile.data.tfds_corpus.build_text_dataset."
-            )
-        train, validation = split_documents(self._documents, self._validation_every)
-        return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
-
-    def _generate_examples(self, docs):
-        for i, doc in enumerate(docs):
-            yield i, {"text": doc}
-
-
-def build_text_dataset(
-    docs: Sequence[str], cache_dir: str | os.PathLike, validation_every: int = 50
-) -> pathlib.Path:
-    """Builds (once) the ArrayRecord dataset for these documents; returns its TFDS data_dir."""
-    data_dir = pathlib.Path(cache_dir) / "tfds" / fingerprint(docs, validation_every)
-    builder = MileTextCorpus(documents=docs, validation_every=validation_every, data_dir=str(data_dir))
-    if not builder.is_prepared():
-        # A one-off build of a small local corpus: TFDS's nested progress bars are only noise.
-        tfds.disable_progress_bar()
-        # TFDS writes into a temp dir and renames at the end, so a crash leaves no half dataset.
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        )
-    return data_dir
-
 
 class _TextSource:
     """Random-access documents: wraps a TFDS data source and returns the text feature as ``str``."""

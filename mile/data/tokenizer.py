@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import pathlib
-import tempfile
 import time
 from typing import Iterable, Sequence
 
@@ -25,7 +25,7 @@ import sentencepiece as spm
 from mile import paths
 
 # Bump when training options change, so old cached models are not reused.
-_TRAINER_VERSION = "bpe-bytefallback-v1"
+_TRAINER_VERSION = "bpe-bytefallback-v2"
 # SentencePiece drops training "sentences" longer than its max_sentence_length, so long lines
 # are cut into pieces of at most this many characters before training.
 _MAX_LINE_CHARS = 4096
@@ -275,42 +275,40 @@ def train_or_load(
         return SentencePieceTokenizer(model_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix="train-") as tmp:
-        tmp = pathlib.Path(tmp)
-        n_lines = _write_training_lines(docs, tmp / "lines.txt")
-        start = time.time()
-        _train_sentencepiece(tmp / "lines.txt", tmp / "sp", vocab_size, max_sentences)
-        logging.info(
-            "Trained %d-piece tokenizer on %d lines in %.1fs", vocab_size, n_lines, time.time() - start
-        )
-        # Rename last: a present sp.model is always complete.
-        os.replace(tmp / "sp.vocab", out_dir / "sp.vocab")
-        os.replace(tmp / "sp.model", model_path)
+    lines = _CountedLines(docs)
+    start = time.time()
+    model = _train_sentencepiece(lines, vocab_size, max_sentences)
+    if lines.count == 0:
+        raise ValueError("tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name).")
+    logging.info("Trained %d-piece tokenizer on %d lines in %.1fs", vocab_size, lines.count, time.time() - start)
+    with paths.replacing(model_path) as tmp:  # a present sp.model is always complete
+        tmp.write_bytes(model)
     return SentencePieceTokenizer(model_path)
 
 
-def _write_training_lines(docs: Iterable[str], path: pathlib.Path) -> int:
-    """Writes the training lines of ``docs`` to ``path``, one per line; returns how many."""
-    n_lines = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for line in _training_lines(docs):
-            f.write(line + "\n")
-            n_lines += 1
-    if n_lines == 0:
-        raise ValueError(
-            "tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name)."
-        )
-    return n_lines
+class _CountedLines:
+    """The training lines of ``docs``, counted as SentencePiece reads them."""
+
+    def __init__(self, docs: Iterable[str]):
+        self._docs, self.count = docs, 0
+
+    def __iter__(self):
+        for line in _training_lines(self._docs):
+            self.count += 1
+            yield line
 
 
-def _train_sentencepiece(
-    lines_path: pathlib.Path, model_prefix: pathlib.Path, vocab_size: int, max_sentences: int
-) -> None:
-    """Writes ``<model_prefix>.model`` and ``.vocab``; a SentencePiece failure becomes a ValueError."""
+def _train_sentencepiece(lines: Iterable[str], vocab_size: int, max_sentences: int) -> bytes:
+    """The trained model's bytes; a SentencePiece failure becomes a ValueError.
+
+    Lines come from an iterator and the model goes to memory, so the model records no file names,
+    and the thread count is fixed: the same corpus gives the same bytes (and the same fingerprint)
+    on any machine."""
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            input=str(lines_path),
-            model_prefix=str(model_prefix),
+            sentence_iterator=iter(lines),
+            model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -326,7 +324,7 @@ def _train_sentencepiece(
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=4 * _MAX_LINE_CHARS,  # bytes; a char is at most 4 bytes.
-            num_threads=os.cpu_count() or 1,
+            num_threads=16,
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -334,3 +332,4 @@ def _train_sentencepiece(
         raise ValueError(
             f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).strip().splitlines()[-1]}"
         ) from None
+    return model.getvalue()

@@ -1,11 +1,19 @@
 """Export a trained mile model in the Hugging Face LLaMA layout.
 
-    python -m mile.export --workdir W --out DIR [--step N] [--tokenizer sp.model]
+    python -m mile.export --workdir W --out DIR [--step N] [--tokenizer sp.model|tokenizer.json]
 
-DIR gets config.json, model.safetensors (float32), tokenizer.model, tokenizer_config.json
-and special_tokens_map.json, so `transformers.AutoModelForCausalLM.from_pretrained(DIR)`,
+DIR gets config.json, generation_config.json, model.safetensors (float32), tokenizer.json,
+tokenizer_config.json and special_tokens_map.json (plus tokenizer.model for a SentencePiece
+tokenizer), so `transformers.AutoModelForCausalLM.from_pretrained(DIR)`,
 `AutoTokenizer.from_pretrained(DIR)` and lm-evaluation-harness (`--model hf
 --model_args pretrained=DIR`) load it directly.
+
+The tokenizer encodes exactly as mile's does (tests/test_export.py). For a SentencePiece model
+the export builds tokenizer.json itself: HF's own conversion (a Metaspace pre-tokenizer) drops
+the dummy-prefix "▁" of a text that starts with a space, so it uses a normalizer that always adds
+it, no pre-tokenizer, and BPE merges derived from the piece scores (_sentencepiece_merges). A
+Hugging Face tokenizer.json is copied with only its post-processor changed (below). Both get
+tokenizer_class PreTrainedTokenizerFast, which loads tokenizer.json as written.
 
 No weight permutation is needed: mile's RoPE rotates pairs (i, i + d/2) like HF LLaMA, its
 query heads share kv heads in the same grouping as HF's repeat_kv, and RMSNorm is the same
@@ -13,23 +21,26 @@ float32 formula. tests/test_export.py checks HF logits against `Llama.logits`.
 
 Conditioning (mile.conditioning): training joins documents with EOS and never shows `<s>`, so
 a document starts after an EOS. The export says so the way GPT-2's files do: its begin-of-text
-token *is* EOS (`bos_token` "</s>", `bos_token_id` = eos id, `add_bos_token` true), so HF's
-tokenizer, `generate()` and lm-evaluation-harness's `--model hf` put the same one EOS in front
-of a request as mile's evaluator and harness backend do.
+token *is* EOS (`bos_token` "</s>", `bos_token_id` = eos id, `add_bos_token` true, and a
+tokenizer.json post-processor that puts the EOS in front), so HF's tokenizer, `generate()` and
+lm-evaluation-harness's `--model hf` put the same one EOS in front of a request as mile's
+evaluator and harness backend do.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import shutil
+import struct
 import sys
 import tempfile
 
+from absl import logging
 import numpy as np
-import sentencepiece as spm
 
 from mile import paths
 from mile.model import Llama, ModelConfig
@@ -89,7 +100,23 @@ def hf_state_dict(model: Llama) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def hf_config(mcfg, sp: spm.SentencePieceProcessor) -> dict:
+class _TokenizerInfo:
+    """The export's view of a mile tokenizer of either kind (mile.data.tokenizer.load_tokenizer):
+    its kind, size, and the ids and strings of the special tokens the HF files name."""
+
+    def __init__(self, tok):
+        def known(i) -> int:
+            return int(i) if i is not None and i >= 0 else -1
+
+        self.kind, self.path, self.vocab_size = tok.kind, pathlib.Path(tok.path), int(tok.vocab_size)
+        self.eos_id, self.pad_id, self.unk_id = known(tok.eos_id), known(tok.pad_id), known(tok.unk_id)
+        self.piece = tok.id_to_piece
+        self.eos_token, self.pad_token, self.unk_token = (
+            tok.id_to_piece(i) if i >= 0 else None for i in (self.eos_id, self.pad_id, self.unk_id)
+        )
+
+
+def hf_config(mcfg, tok: _TokenizerInfo) -> dict:
     c = ModelConfig.from_cfg(mcfg)
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -116,36 +143,229 @@ def hf_config(mcfg, sp: spm.SentencePieceProcessor) -> dict:
         # transformers < 5 reads torch_dtype, >= 5 reads dtype.
         "torch_dtype": "float32",
         "dtype": "float32",
-        "bos_token_id": sp.eos_id(),  # begin-of-text is EOS (module docstring)
-        "eos_token_id": sp.eos_id(),
-        "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None,
+        "bos_token_id": tok.eos_id,  # begin-of-text is EOS (module docstring)
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None,
     }
 
 
-def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict, dict]:
-    def piece(i):
-        return sp.id_to_piece(i) if i >= 0 else None
-
+def _tokenizer_files(tok: _TokenizerInfo, max_len: int) -> tuple[dict, dict]:
     special = {
-        "bos_token": piece(sp.eos_id()),  # begin-of-text is EOS (module docstring)
-        "eos_token": piece(sp.eos_id()),
-        "unk_token": piece(sp.unk_id()),
+        "bos_token": tok.eos_token,  # begin-of-text is EOS (module docstring)
+        "eos_token": tok.eos_token,
     }
-    if sp.pad_id() >= 0:
-        special["pad_token"] = piece(sp.pad_id())
+    if tok.unk_token is not None:
+        special["unk_token"] = tok.unk_token
+    if tok.pad_token is not None:
+        special["pad_token"] = tok.pad_token
     tok_cfg = {
-        "tokenizer_class": "LlamaTokenizer",
-        # A request starts a document, and in training a document follows an EOS.
+        # Loads tokenizer.json as written (LlamaTokenizer would rebuild its pre-tokenizer).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # A request starts a document, and in training a document follows an EOS. tokenizer.json's
+        # post-processor says the same for readers that ignore these two.
         "add_bos_token": True,
         "add_eos_token": False,
-        # SentencePiece's own add_dummy_prefix behaviour, without HF's legacy quirks.
-        "legacy": False,
-        "add_prefix_space": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
         **special,
     }
+    if tok.kind == "sentencepiece":
+        # SentencePiece reads "</s>" in a text as characters, never as the control token.
+        tok_cfg["split_special_tokens"] = True
     return tok_cfg, special
+
+
+def _eos_in_front(eos_token: str, eos_id: int):
+    """The post-processor of mile.conditioning: one EOS in front of a text (and of each of a pair)."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(
+        single=f"{eos_token}:0 $A:0",
+        pair=f"{eos_token}:0 $A:0 {eos_token}:1 $B:1",
+        special_tokens=[(eos_token, eos_id)],
+    )
+
+
+# SentencePiece's ModelProto enums (sentencepiece_model.proto).
+_SP_BPE = 2
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 1, 2, 3, 4
+
+
+def _proto_fields(buf: bytes):
+    """Yields (field number, value) of a serialized protobuf message: an int for a varint, bytes
+    for a length-delimited field (string, bytes, message), 4 or 8 raw bytes for a fixed one."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while pos < len(buf):
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 2, 5):
+            size = {1: 8, 5: 4}.get(wire) or varint()
+            value, pos = buf[pos : pos + size], pos + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+@dataclasses.dataclass
+class _SentencePieceModel:
+    """What the export reads of a SentencePiece ModelProto (sentencepiece_model.proto; proto2
+    defaults). Parsed here: the generated sentencepiece_model_pb2 needs a matching protobuf."""
+
+    pieces: list[tuple[str, float, int]]  # (piece, score, type) by id
+    model_type: int = 1  # UNIGRAM
+    byte_fallback: bool = False
+    treat_whitespace_as_suffix: bool = False
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+
+    @classmethod
+    def parse(cls, data: bytes) -> "_SentencePieceModel":
+        model = cls(pieces=[])
+        for field, value in _proto_fields(data):
+            if field == 1:  # SentencePiece {piece = 1; score = 2; type = 3}
+                piece = {1: b"", 2: bytes(4), 3: _SP_NORMAL} | dict(_proto_fields(value))
+                score = struct.unpack("<f", piece[2])[0]
+                model.pieces.append((piece[1].decode("utf-8"), score, piece[3]))
+            elif field == 2:  # TrainerSpec
+                spec = dict(_proto_fields(value))
+                model.model_type = spec.get(3, model.model_type)
+                model.treat_whitespace_as_suffix = bool(spec.get(24, False))
+                model.byte_fallback = bool(spec.get(35, False))
+            elif field == 3:  # NormalizerSpec
+                spec = dict(_proto_fields(value))
+                model.precompiled_charsmap = spec.get(2, b"")
+                model.add_dummy_prefix = bool(spec.get(3, True))
+                model.remove_extra_whitespaces = bool(spec.get(4, True))
+                model.escape_whitespaces = bool(spec.get(5, True))
+        return model
+
+
+def _sentencepiece_merges(pieces) -> list[tuple[str, str]]:
+    """BPE merges, highest priority first, that make Hugging Face's BPE encode as SentencePiece's.
+
+    SentencePiece's BPE has no merge list: starting from characters, it repeatedly joins the
+    adjacent pair whose concatenation is a piece with the highest score (leftmost on a tie).
+    Hugging Face's BPE joins the adjacent pair with the lowest merge rank (leftmost on a tie).
+    So every split of a normal piece into two pieces is a merge, ranked by the piece's score.
+    Splits of the same piece get consecutive ranks, shorter left part first.
+    """
+    mergeable = {piece for piece, _, kind in pieces if kind in (_SP_NORMAL, _SP_USER_DEFINED)}
+    ranked = []
+    for i, (piece, score, kind) in enumerate(pieces):
+        if kind != _SP_NORMAL:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-score, i, k, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_normalizer(spec: _SentencePieceModel):
+    """A Hugging Face normalizer doing what SentencePiece's normalizer does to a text before BPE.
+
+    No pre-tokenizer: SentencePiece runs BPE over the whole normalized text, and the dummy prefix
+    "▁" goes in front of every non-empty text, also one that starts with a space (Hugging Face's
+    Metaspace pre-tokenizer skips it there).
+    """
+    from tokenizers import Regex, normalizers
+
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+        steps.append(normalizers.Replace(Regex("^ | $"), ""))
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))  # Prepend skips an empty text, as SentencePiece does
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    return normalizers.Sequence(steps)
+
+
+def _sentencepiece_tokenizer_json(model_path: pathlib.Path, tok: _TokenizerInfo):
+    """A ``tokenizers.Tokenizer`` that encodes and decodes as the SentencePiece BPE model does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    spec = _SentencePieceModel.parse(model_path.read_bytes())
+    if spec.model_type != _SP_BPE or spec.treat_whitespace_as_suffix:
+        raise ValueError(
+            f"tokenizer {model_path}: only SentencePiece BPE models with the whitespace as prefix "
+            "(as mile trains them, and LLaMA's) can be exported exactly."
+        )
+    pieces = spec.pieces
+    if [p for p, _, _ in pieces] != [tok.piece(i) for i in range(len(pieces))]:
+        raise ValueError(f"tokenizer {model_path}: could not read its pieces (not a SentencePiece model?)")
+    if any(kind == _SP_USER_DEFINED for _, _, kind in pieces) and spec.add_dummy_prefix:
+        logging.warning(
+            "tokenizer %s has user-defined pieces: the exported tokenizer puts a '▁' after them "
+            "where SentencePiece does not.", model_path
+        )
+    bpe = models.BPE(
+        vocab={piece: i for i, (piece, _, _) in enumerate(pieces)},
+        merges=_sentencepiece_merges(pieces),
+        unk_token=tok.unk_token,
+        fuse_unk=True,
+        byte_fallback=spec.byte_fallback,
+    )
+    hf = Tokenizer(bpe)
+    hf.normalizer = _sentencepiece_normalizer(spec)
+    hf.pre_tokenizer = None
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))  # the dummy prefix
+    hf.decoder = decoders.Sequence(steps)
+    hf.add_tokens(
+        [AddedToken(p, special=False, normalized=False) for p, _, kind in pieces if kind == _SP_USER_DEFINED]
+    )
+    hf.add_special_tokens(
+        [
+            AddedToken(p, special=True, normalized=False)
+            for p, _, kind in pieces
+            if kind in (_SP_CONTROL, _SP_UNKNOWN)
+        ]
+    )
+    hf.post_processor = _eos_in_front(tok.eos_token, tok.eos_id)
+    return hf
+
+
+def _hf_tokenizer_json(json_path: pathlib.Path, tok: _TokenizerInfo):
+    """The tokenizer.json as mile reads it, with mile's post-processor (one EOS in front).
+
+    A ByteLevel post-processor (it only trims offsets) is kept; one adding other special tokens
+    (BERT's [CLS], RoBERTa's <s>) is dropped: mile never adds them.
+    """
+    from tokenizers import Tokenizer, models
+
+    def post_processor_json(hf) -> dict | None:
+        return json.loads(hf.to_str()).get("post_processor")
+
+    spec = json.loads(Tokenizer.from_file(str(json_path)).to_str())
+    old = spec.get("post_processor") or {}
+    old_steps = old.get("processors", []) if old.get("type") == "Sequence" else [old]
+    keep = [step for step in old_steps if step.get("type") == "ByteLevel"]
+    template = Tokenizer(models.BPE())
+    template.post_processor = _eos_in_front(tok.eos_token, tok.eos_id)
+    eos = post_processor_json(template)
+    spec["post_processor"] = {"type": "Sequence", "processors": keep + [eos]} if keep else eos
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _check_out_dir(out_dir) -> None:
@@ -161,9 +381,13 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir):
     """
     _check_out_dir(out_dir)
     if paths.is_remote(out_dir) or paths.is_remote(tokenizer_path):
-        with paths.local_copy(tokenizer_path) as tok, tempfile.TemporaryDirectory(prefix="mile-export-") as d:
-            export_hf(model, cfg, tok, d)
-            paths.upload_tree(d, out_dir)
+        from mile.data.tokenizer import local_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="mile-export-") as d:
+            # A remote tokenizer.json comes with the tokenizer_config.json beside it (its EOS).
+            tok = local_tokenizer(str(tokenizer_path), pathlib.Path(d) / "cache")
+            export_hf(model, cfg, tok, pathlib.Path(d) / "out")
+            paths.upload_tree(pathlib.Path(d) / "out", out_dir)
         return out_dir
     from safetensors.numpy import save_file  # only the export needs it
 
@@ -174,13 +398,25 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir):
         raise ValueError("cfg.model does not match model.config; pass the config the model was built with.")
     tokenizer_path = pathlib.Path(tokenizer_path)
     if not tokenizer_path.is_file():
-        raise ValueError(f"tokenizer {tokenizer_path} not found; pass --tokenizer path/to/sp.model.")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    if sp.vocab_size() > c.vocab_size:
         raise ValueError(
-            f"tokenizer has {sp.vocab_size()} pieces > model.vocab_size={c.vocab_size}; "
+            f"tokenizer {tokenizer_path} not found; pass --tokenizer path/to/sp.model (or tokenizer.json)."
+        )
+    from mile.data.tokenizer import load_tokenizer
+
+    tok = _TokenizerInfo(load_tokenizer(tokenizer_path))
+    if tok.eos_id < 0:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has no EOS token; pass the tokenizer the model was trained with."
+        )
+    if tok.vocab_size > c.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} pieces > model.vocab_size={c.vocab_size}; "
             "pass the tokenizer the model was trained with."
         )
+    if tok.kind == "sentencepiece":
+        hf_tokenizer = _sentencepiece_tokenizer_json(tokenizer_path, tok)
+    else:
+        hf_tokenizer = _hf_tokenizer_json(tokenizer_path, tok)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
@@ -189,16 +425,21 @@ def export_hf(model: Llama, cfg, tokenizer_path, out_dir):
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)
-    tok_cfg, special = _tokenizer_files(sp, c.max_seq_len)
+    tok_cfg, special = _tokenizer_files(tok, c.max_seq_len)
+    generation = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id}
+    if tok.pad_id >= 0:
+        generation["pad_token_id"] = tok.pad_id
     files = {
-        "config.json": hf_config(mcfg, sp),
+        "config.json": hf_config(mcfg, tok),
         "tokenizer_config.json": tok_cfg,
         "special_tokens_map.json": special,
-        "generation_config.json": {"bos_token_id": sp.eos_id(), "eos_token_id": sp.eos_id()},
+        "generation_config.json": generation,
     }
     for name, content in files.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    hf_tokenizer.save(str(out_dir / "tokenizer.json"))
+    if tok.kind == "sentencepiece":
+        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")  # for SentencePiece readers
     return out_dir
 
 
@@ -210,7 +451,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="sp.model to export (default: mile.data.prepare(cfg.data).tokenizer_path)",
+        help="sp.model or tokenizer.json to export (default: mile.data.prepare(cfg.data).tokenizer_path)",
     )
     args = parser.parse_args(argv)
     try:

@@ -109,7 +109,7 @@ class MileLM(TemplateLM):
         if isinstance(tokenizer, str):
             tokenizer = Tokenizer.load(tokenizer)
         if tokenizer is None:
-            raise ValueError("MileLM(model=...) needs tokenizer= (a mile Tokenizer or an sp.model path).")
+            raise ValueError("MileLM(model=...) needs tokenizer= (a Tokenizer, sp.model or tokenizer.json).")
         if str(batch_size).startswith("auto"):
             batch_size = 16  # the harness's "auto" probes torch memory; a fixed batch compiles once
         self.model, self.tok, self.step = model, tokenizer, step

@@ -1,4 +1,5 @@
-"""mile.export: HF LlamaForCausalLM built from the export gives mile's logits; tokenizer ids; CLI."""
+"""mile.export: HF LlamaForCausalLM built from the export gives mile's logits; the HF tokenizer encodes
+exactly as mile's (SentencePiece and tokenizer.json kinds); CLI."""
 
 import json
 import os
@@ -27,21 +28,96 @@ TOKENIZER_VOCAB = 320
 MODEL_VOCAB = 352  # larger than the tokenizer, as model.vocab_size may be padded
 
 
+WORDS = (
+    "in the beginning god created heaven and earth light darkness waters "
+    "firmament evening morning day night seed fruit tree 1 2 3 Ünïcödé, naïve!"
+).split()
+
+
+def _docs(seed=0, n=200):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=40)).capitalize() + "." for _ in range(n)]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = (
-        "in the beginning god created heaven and earth light darkness waters "
-        "firmament evening morning day night seed fruit tree 1 2 3 Ünïcödé, naïve!"
-    ).split()
-    docs = [" ".join(rng.choice(words, size=40)).capitalize() + "." for _ in range(200)]
     # The same trainer (options, special ids) as training runs use.
     return mtok.train_or_load(
-        docs,
+        _docs(),
         corpus_fingerprint="export-test",
         vocab_size=TOKENIZER_VOCAB,
         cache_dir=tmp_path_factory.mktemp("tok"),
     )
+
+
+def _code_like_docs(n=400, seed=5):
+    """Indented, code-like lines over 500 made-up words (Zipf-distributed): many merges, runs of
+    spaces, digits and punctuation, for a larger SentencePiece model than the fixture's."""
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyzéü")
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(500)]
+    weights = 1.0 / np.arange(1, len(words) + 1)
+    symbols = ["=", "==", "(", ")", ":", ",", ".", "_", "__", "#", "+=", "->", "123", "4.5", "\t"]
+    docs = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.integers(3, 12)):
+            tokens = list(rng.choice(words, size=rng.integers(1, 8), p=weights / weights.sum()))
+            tokens += list(rng.choice(symbols, size=rng.integers(0, 4)))
+            rng.shuffle(tokens)
+            lines.append(" " * int(rng.choice([0, 0, 2, 4, 8, 12])) + " ".join(tokens))
+        docs.append("\n".join(lines))
+    return docs
+
+
+def _train_hf_tokenizer(style, path):
+    """A small tokenizer.json built offline with the tokenizers library.
+
+    "metaspace": LLaMA-like BPE over "▁"-words with </s>, <s>, <pad>, <unk> and a BERT-style
+    post-processor (which the export must drop). "bytelevel": GPT-2-like byte-level BPE whose
+    only special token is <|endoftext|> (found by name: no tokenizer_config.json, no pad).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    lines = _docs(seed=3, n=300) + ["def f(x):\n\treturn x * 2  # twice", "Naïve Ünïcödé  12345 6.78"]
+    if style == "metaspace":
+        specials = ["</s>", "<s>", "<pad>", "<unk>"]
+        hf = Tokenizer(models.BPE(unk_token="<unk>"))
+        hf.normalizer = normalizers.NFKC()
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=specials)
+        hf.train_from_iterator(lines, trainer)
+        hf.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 0)]
+        )
+    else:
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=TOKENIZER_VOCAB,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        hf.train_from_iterator(lines, trainer)
+        hf.post_processor = processors.ByteLevel(trim_offsets=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path))
+    return mtok.load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_kind(tmp_path_factory, tokenizer):
+    tmp = tmp_path_factory.mktemp("hf_tok")
+    return {
+        "sentencepiece": tokenizer,
+        "sentencepiece-1k": mtok.train_or_load(
+            _code_like_docs(), corpus_fingerprint="export-code", vocab_size=1000, cache_dir=tmp / "sp1k"
+        ),
+        "metaspace": _train_hf_tokenizer("metaspace", tmp / "metaspace" / "tokenizer.json"),
+        "bytelevel": _train_hf_tokenizer("bytelevel", tmp / "bytelevel" / "tokenizer.json"),
+    }
 
 
 def _model_cfg(scan_layers):
@@ -51,16 +127,31 @@ def _model_cfg(scan_layers):
     )
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_hf_logits_match(tmp_path, tokenizer, scan_layers):
+def _special_ids(tok):
+    """(bos, eos, pad) the export should declare: begin-of-text is EOS (mile.conditioning)."""
+    pad = tok.pad_id if tok.pad_id >= 0 else None
+    return tok.eos_id, tok.eos_id, pad
+
+
+@pytest.mark.parametrize(
+    "kind,scan_layers",
+    [("sentencepiece", False), ("sentencepiece", True), ("metaspace", False), ("bytelevel", True)],
+)
+def test_hf_logits_match(tmp_path, tokenizers_by_kind, kind, scan_layers):
+    tok = tokenizers_by_kind[kind]
     cfg = ConfigDict({"model": _model_cfg(scan_layers)})
     model = Llama(cfg.model, rngs=nnx.Rngs(0))
-    out = export.export_hf(model, cfg, tokenizer.path, tmp_path / "hf")
+    out = export.export_hf(model, cfg, tok.path, tmp_path / "hf")
 
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["architectures"] == ["LlamaForCausalLM"]
     assert (hf_cfg["num_key_value_heads"], hf_cfg["vocab_size"]) == (2, MODEL_VOCAB)
-    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (2, 2, 3)  # begin = EOS
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == _special_ids(tok)
+    if kind == "sentencepiece":
+        assert _special_ids(tok) == (2, 2, 3)
+    gen_cfg = json.loads((out / "generation_config.json").read_text())
+    gen_ids = (gen_cfg["bos_token_id"], gen_cfg["eos_token_id"], gen_cfg.get("pad_token_id"))
+    assert gen_ids == _special_ids(tok)
 
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.dtype == torch.float32
@@ -70,31 +161,114 @@ def test_hf_logits_match(tmp_path, tokenizer, scan_layers):
         got = hf(torch.tensor(tokens)).logits.numpy()
     assert want.std() > 0.5, "logits too close to 0 for a meaningful check"
     rel = np.abs(got - want).max() / np.abs(want).max()
-    print(f"scan_layers={scan_layers}: max relative logit difference {rel:.2e}")
+    print(f"{kind} scan_layers={scan_layers}: max relative logit difference {rel:.2e}")
     assert rel < 1e-4
 
 
-def test_hf_tokenizer_matches(tmp_path, tokenizer):
+# Texts where a converted tokenizer most easily differs from SentencePiece or the tokenizer.json.
+FIXED_TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    " the earth",  # SentencePiece adds its dummy "▁" before a leading space too
+    "  two spaces",
+    "trailing space ",
+    "trailing spaces   ",
+    "several    consecutive     spaces",
+    " ",
+    "   ",
+    "12345 6.78",
+    "Day 123,  night\n\ntree   fruit",
+    "line one\nline two\n",
+    "\ttab\tseparated\t",
+    "\n leading newline",
+    "Naïve Ünïcödé",
+    "☃ 漢字 🎉",  # outside the vocabulary: byte fallback (SentencePiece) or <unk>
+    "Naïve Ünïcödé ☃ 漢字 (byte fallback)",
+    "</s> and <s>, <pad>, <unk> as plain text",
+    "",
+]
+ALPHABET = list("abcdefgh tuvwxyz THE 0123456789 .,;:!?'\"()-_/\\<>") + [
+    " ", "  ", "\n", "\t", "é", "ï", "Ü", "ß", "☃", "漢", "字", "🎉",
+    "the ", " earth", "ing", "</s>", "<0x41>",
+]  # fmt: skip
+
+
+def _random_texts(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(ALPHABET, size=rng.integers(1, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-1k", "metaspace", "bytelevel"])
+def test_hf_tokenizer_matches(tmp_path, tokenizers_by_kind, kind):
+    tok = tokenizers_by_kind[kind]
     cfg = _model_cfg(False)
-    out = export.export_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, tokenizer.path, tmp_path / "hf")
-    assert (out / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
+    cfg.vocab_size = max(MODEL_VOCAB, tok.vocab_size)
+    out = export.export_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, tok.path, tmp_path / "hf")
+    names = sorted(os.listdir(out))
+    common = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json"]
+    tok_files = ["tokenizer.json", "tokenizer_config.json"]
+    if tok.kind == "sentencepiece":
+        assert names == sorted(common + tok_files + ["tokenizer.model"])
+        assert (out / "tokenizer.model").read_bytes() == tok.path.read_bytes()
+    else:
+        assert names == sorted(common + tok_files)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     # Begin-of-text is EOS (mile.conditioning): a document starts after an EOS in training.
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (2, 2, 3)
-    for text in [
-        "In the beginning God created the heaven and the earth.",
-        "Day 123,  night\n\ntree   fruit",
-        "Naïve Ünïcödé ☃ 漢字 (byte fallback)",
-    ]:
-        ids = hf_tok(text)["input_ids"]
-        assert ids == [2] + tokenizer.encode(text), text  # one EOS in front, never <s>
-        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
-        assert hf_tok.decode(ids, skip_special_tokens=True) == text
-    # Known difference: for text that already starts with a space, SentencePiece still adds
-    # its dummy-prefix "▁" (an extra token) but HF's Metaspace pre-tokenizer does not.
-    text = " the earth"
-    assert tokenizer.encode(text)[1:] == hf_tok(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.processor.id_to_piece(tokenizer.encode(text)[0]) == "▁"
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == _special_ids(tok)
+    texts = FIXED_TEXTS + _random_texts()
+    if kind == "sentencepiece-1k":
+        texts += _code_like_docs(n=100, seed=6)  # unseen text in the training distribution
+    decoded = 0
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf_tok(text)["input_ids"] == [tok.eos_id] + ids, text  # one EOS in front, never <s>
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf_tok.encode(text) == [tok.eos_id] + ids, text
+        if tok.decode(ids) == text:  # where mile's tokenizer round-trips, HF's does too
+            assert hf_tok.decode([tok.eos_id] + ids, skip_special_tokens=True) == text, text
+            decoded += 1
+    print(f"{kind}: {len(texts)} texts encode alike, {decoded} round-trip")
+    # Batched, as lm-evaluation-harness calls it.
+    assert hf_tok(texts[:50], add_special_tokens=False)["input_ids"] == [tok.encode(t) for t in texts[:50]]
+    if tok.kind == "sentencepiece":
+        # mile's SentencePiece model round-trips any text; its dummy "▁" shows as an extra token.
+        assert decoded == len(texts)
+        assert tok.encode("") == []
+    if kind == "sentencepiece":
+        assert tok.id_to_piece(tok.encode(" the earth")[0]) == "▁"
+    elif kind == "bytelevel":
+        assert decoded == len(texts)
+    else:
+        assert decoded > 0  # <unk> loses the characters it replaced
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-1k"])
+def test_sentencepiece_model_read_and_merges(tokenizers_by_kind, kind):
+    """The export's own ModelProto reader agrees with SentencePiece; merges come from the pieces."""
+    tok = tokenizers_by_kind[kind]
+    sp = tok.processor
+    model = export._SentencePieceModel.parse(tok.path.read_bytes())
+    assert [p for p, _, _ in model.pieces] == [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    assert [s for _, s, _ in model.pieces] == [sp.get_score(i) for i in range(sp.vocab_size())]
+    kinds = [k for _, _, k in model.pieces]
+    assert [i for i, k in enumerate(kinds) if k == 3] == [1, 2, 3]  # control: <s> </s> <pad>
+    assert kinds[0] == 2 and kinds[4:260] == [6] * 256  # <unk>, then the 256 byte pieces
+    assert (model.model_type, model.byte_fallback, model.add_dummy_prefix) == (2, True, True)
+    assert (model.remove_extra_whitespaces, model.precompiled_charsmap) == (False, b"")  # identity
+    merges = export._sentencepiece_merges(model.pieces)
+    ids = {p: i for i, (p, _, _) in enumerate(model.pieces)}
+    products = [ids[a + b] for a, b in merges]
+    assert products == sorted(products)  # by score, i.e. by id for a trained BPE model
+    assert set(products) == {i for i, (p, _, k) in enumerate(model.pieces) if k == 1 and len(p) > 1}
+
+
+def test_refuses_tokenizer_larger_than_model(tmp_path, tokenizers_by_kind):
+    cfg = tiny_model_config(vocab_size=TOKENIZER_VOCAB - 1, mlp_dim=64, max_seq_len=32)
+    for kind in ("sentencepiece", "bytelevel"):
+        with pytest.raises(ValueError, match=f"tokenizer has {TOKENIZER_VOCAB} pieces > model.vocab_size"):
+            export.export_hf(
+                Llama(cfg, rngs=nnx.Rngs(0)), cfg, tokenizers_by_kind[kind].path, tmp_path / kind
+            )
+        assert not (tmp_path / kind).exists()
 
 
 def test_refuses_non_empty_out(tmp_path, tokenizer):

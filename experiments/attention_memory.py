@@ -127,7 +127,7 @@ def main():
         )
         rows[attention] = (mem, seconds, kernels)
     print(
-        f"\n| attention | temp (GiB/chip) | arguments (GiB/chip) | outputs (GiB/chip) | peak est. (GiB/chip) | Pallas calls | compile (s) |"
+        "\n| attention | temp (GiB/chip) | arguments (GiB/chip) | outputs (GiB/chip) | peak est. (GiB/chip) | Pallas calls | compile (s) |"
     )
     print("|---|---|---|---|---|---|---|")
     for attention, (mem, seconds, kernels) in rows.items():

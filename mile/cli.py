@@ -7,6 +7,7 @@ import sys
 
 from absl import flags
 
+
 def config_file_error(e: BaseException) -> None:
     """One `error:` line for a --config file that is missing or does not import."""
     attempted = re.search(r"Attempted \[[^\]]*\]:\s*\n\s*(\S+)", str(e))

@@ -91,8 +91,7 @@ def _harness(model, tokenizer, args) -> dict[str, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from mile import data as mdata
-    from mile.restore import load_trained_model
+    from mile.restore import load_trained_model, trained_data
 
     cut_points = _parse_cut_points(args.cut_points)
     if not paths.isdir(args.workdir):
@@ -114,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out or paths.join(args.workdir, "eval", f"step_{step}.json")
     if paths.exists(out) and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite or choose another --out.")
-    prepared = mdata.prepare(cfg.data)
+    prepared = trained_data(cfg)
     stats_fn = make_stats_fn(model, chunk_size=int(cfg.loss.get("chunk_size", 0) or 0) or None)
 
     maps, perplexity = _perplexity(model, cfg, prepared, cut_points, args.eval_batches, stats_fn)

@@ -457,15 +457,14 @@ def main(argv=None) -> int:
     try:
         # Fail before the (slow) restore if the output would be overwritten.
         _check_out_dir(args.out)
-        from mile.restore import load_trained_model
+        from mile.restore import load_trained_model, trained_data
 
         model, cfg, step = load_trained_model(args.workdir, step=args.step)
         tokenizer_path = args.tokenizer
         if tokenizer_path is None:
-            import mile.data
 
             # Cached: only reads files when training already prepared them (same cwd / cache_dir).
-            tokenizer_path = mile.data.prepare(cfg.data).tokenizer_path
+            tokenizer_path = trained_data(cfg).tokenizer_path
         out = export_hf(model, cfg, tokenizer_path, args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

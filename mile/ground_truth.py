@@ -148,7 +148,7 @@ def evaluate_workdir(
     ``eval_batches`` batches). ``check_step(step)`` runs right after the restore, before the slow
     part (the CLI refuses an existing output file there)."""
     from mile import data as mdata
-    from mile.restore import load_trained_model
+    from mile.restore import load_trained_model, trained_data
 
     model, cfg, step = load_trained_model(workdir, step=step)
     if check_step is not None:
@@ -157,7 +157,7 @@ def evaluate_workdir(
         raise ValueError(
             f"{workdir} was trained on data.source={cfg.data.source!r}; ground truth exists only for 'synthetic'."
         )
-    prepared = mdata.prepare(cfg.data)
+    prepared = trained_data(cfg)
     language, _ = load_language(prepared.tokenizer_path)
     counts = token_counts(prepared)
     buckets = assign_buckets(counts, cut_points)

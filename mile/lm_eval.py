@@ -99,13 +99,12 @@ class MileLM(TemplateLM):
         if model is None:
             if workdir is None:
                 raise ValueError("--model mile needs --model_args workdir=<trained workdir>[,step=N].")
-            from mile.restore import load_trained_model
+            from mile.restore import load_trained_model, trained_data
 
             model, cfg, step = load_trained_model(workdir, step=None if step is None else int(step))
             if tokenizer is None:
-                from mile import data as mdata
 
-                tokenizer = mdata.prepare(cfg.data).tokenizer  # cached: trained with the run
+                tokenizer = trained_data(cfg).tokenizer  # cached: trained with the run
         if isinstance(tokenizer, str):
             tokenizer = Tokenizer.load(tokenizer)
         if tokenizer is None:

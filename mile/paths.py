@@ -17,6 +17,7 @@ The API, for every caller (data preparation included):
   path(p) / join(p, *parts)    an epath.Path / a str; local ones made absolute
   exists, isdir, isfile, listdir, makedirs, read_text, read_bytes, open(p, mode)
   version(p)                   size and modification time of a file, for cache keys
+  glob(pattern), files_under(p) the files a pattern or a directory names
   replacing(p)                 a local temporary file to write; becomes `p` whole, or not at all
   write_text, write_bytes      whole files, atomically
   local_copy(p)                a local file holding `p` (for libraries that need a real file)
@@ -92,6 +93,25 @@ def version(p: PathLike) -> str:
     info = _fs(p).info(os.fspath(p))
     stamp = info.get("generation") or info.get("updated") or info.get("mtime") or info.get("etag") or ""
     return f"{info.get('size')}:{stamp}"
+
+
+def glob(pattern: str) -> list[str]:
+    """Paths matching a glob (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted."""
+    if not is_remote(pattern):
+        import glob as _glob
+
+        return sorted(_glob.glob(os.path.abspath(pattern), recursive=True))
+    proto = pattern.split("://", 1)[0] + "://"
+    return sorted(f if "://" in f else proto + f for f in _fs(pattern).glob(pattern))
+
+
+def files_under(p: PathLike) -> list[str]:
+    """Every file below directory `p`, at any depth, sorted."""
+    if not is_remote(p):
+        root = os.path.abspath(p)
+        return sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+    proto = os.fspath(p).split("://", 1)[0] + "://"
+    return sorted(f if "://" in f else proto + f for f in _fs(p).find(os.fspath(p)))
 
 
 def makedirs(p: PathLike) -> None:

@@ -63,6 +63,17 @@ def resume(ckpt_dir: str, abstract, primary: bool) -> Restored | None:
     return restored
 
 
+def trained_data(cfg):
+    """The data and tokenizer of a run, from the config saved with its checkpoint (``mile.data.prepare``
+    reads them from the cache). ValueError if that config's tokenizer is no longer the one the
+    checkpoint recorded (a tokenizer file replaced since training, say)."""
+    from mile import data as mdata
+
+    prepared = mdata.prepare(cfg.data)
+    mdata.check_fingerprint(prepared, cfg, "this checkpoint")
+    return prepared
+
+
 def _choose_step(checkpointer: Checkpointer, workdir: str, step: int | None) -> tuple[int, str]:
     """(the step to load, a hint naming the others for error messages); ValueError if absent."""
     steps = checkpointer.finalized_steps()

@@ -28,7 +28,7 @@ from mile.preemption import Preempted, Preemption
 from mile.restore import existing_checkpoint, resume
 from mile.state import OptimConfig, build_state, state_builder
 from mile.step import LOSS_HEADS, jit_eval_step, jit_train_step
-from mile.steplog import LateMetrics, NonfiniteGuard, Throughput, TrainingError, TrainLog
+from mile.steplog import LateMetrics, NonfiniteGuard, Throughput, TrainLog
 from mile.watchdog import HangLimits, Watchdog
 
 

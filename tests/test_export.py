@@ -20,6 +20,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from mile import export  # noqa: E402
 from mile.data import tokenizer as mtok  # noqa: E402
+from tokenizer_helpers import train_hf_tokenizer  # noqa: E402
 from mile.model import Llama  # noqa: E402
 from model_helpers import tiny_model_config
 
@@ -71,40 +72,8 @@ def _code_like_docs(n=400, seed=5):
 
 
 def _train_hf_tokenizer(style, path):
-    """A small tokenizer.json built offline with the tokenizers library.
-
-    "metaspace": LLaMA-like BPE over "▁"-words with </s>, <s>, <pad>, <unk> and a BERT-style
-    post-processor (which the export must drop). "bytelevel": GPT-2-like byte-level BPE whose
-    only special token is <|endoftext|> (found by name: no tokenizer_config.json, no pad).
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
     lines = _docs(seed=3, n=300) + ["def f(x):\n\treturn x * 2  # twice", "Naïve Ünïcödé  12345 6.78"]
-    if style == "metaspace":
-        specials = ["</s>", "<s>", "<pad>", "<unk>"]
-        hf = Tokenizer(models.BPE(unk_token="<unk>"))
-        hf.normalizer = normalizers.NFKC()
-        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=specials)
-        hf.train_from_iterator(lines, trainer)
-        hf.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 0)]
-        )
-    else:
-        hf = Tokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=TOKENIZER_VOCAB,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        hf.train_from_iterator(lines, trainer)
-        hf.post_processor = processors.ByteLevel(trim_offsets=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hf.save(str(path))
-    return mtok.load_tokenizer(path)
+    return train_hf_tokenizer(style, path, lines, TOKENIZER_VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,10 @@ def wait_for(condition, proc, log, what, timeout_s):
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it had already ended
+                pass
             proc.wait(timeout=30)
             log.seek(0)
             pytest.fail(f"{what} never happened:\n{log.read()[-3000:]}")

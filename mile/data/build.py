@@ -66,7 +66,9 @@ def _write_ids(writer: store.ShardWriter, tokenizer: Tokenizer, docs: Sequence, 
     for doc in docs:
         ids = np.asarray(next(encoded) if isinstance(doc, str) else doc, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
-            raise ValueError(f"token id {ids.max()} does not fit {dtype}; this is a bug in choosing the dtype.")
+            raise ValueError(
+                f"token id {ids.max()} does not fit {dtype}; this is a bug in choosing the dtype."
+            )
         writer.write(ids.astype(dtype).tobytes())
         tokens += ids.size
     return tokens
@@ -78,7 +80,9 @@ def token_units_from_store(text_dir: str, tokenizer_path: str, dtype: np.dtype) 
     manifest = store.read_manifest(text_dir)
     names = manifest["splits"][DOCS]["shards"]
     return [
-        store.Unit(i, functools.partial(_token_unit_from_shard, str(text_dir), name, tokenizer_path, dtype.str))
+        store.Unit(
+            i, functools.partial(_token_unit_from_shard, str(text_dir), name, tokenizer_path, dtype.str)
+        )
         for i, name in enumerate(names)
     ]
 
@@ -100,7 +104,10 @@ def _token_unit_from_shard(
 
 
 def token_units_from_source(
-    open_split: Callable[[str], Sequence], splits: dict[str, int], tokenizer_path: str, dtype: np.dtype,
+    open_split: Callable[[str], Sequence],
+    splits: dict[str, int],
+    tokenizer_path: str,
+    dtype: np.dtype,
     docs_per_unit: int = 20_000,
 ) -> list[store.Unit]:
     """Units over index ranges of random-access splits (``{name: length}``), e.g. a TFDS dataset:
@@ -109,13 +116,21 @@ def token_units_from_source(
     for split, length in splits.items():
         for start in range(0, length, docs_per_unit):
             stop = min(length, start + docs_per_unit)
-            run = functools.partial(_token_unit_from_range, open_split, split, start, stop, tokenizer_path, dtype.str)
+            run = functools.partial(
+                _token_unit_from_range, open_split, split, start, stop, tokenizer_path, dtype.str
+            )
             units.append(store.Unit(len(units), run, label=f"{split}[{start}:{stop}]"))
     return units
 
 
 def _token_unit_from_range(
-    open_split, split: str, start: int, stop: int, tokenizer_path: str, dtype: str, directory: pathlib.Path,
+    open_split,
+    split: str,
+    start: int,
+    stop: int,
+    tokenizer_path: str,
+    dtype: str,
+    directory: pathlib.Path,
     index: int,
 ) -> dict:
     tokenizer, dtype = _tokenizer(tokenizer_path), np.dtype(dtype)
@@ -140,7 +155,9 @@ class HeldOut:
 
     def __init__(self, docs: Sequence, every: int, split: str):
         if every < 2:
-            raise ValueError(f"validation_every={every} must be >= 2 (1 in N documents is held out); e.g. 50.")
+            raise ValueError(
+                f"validation_every={every} must be >= 2 (1 in N documents is held out); e.g. 50."
+            )
         if split not in ("train", "validation"):
             raise ValueError(f"split={split!r}; use 'train' or 'validation'")
         self._docs, self._every, self._train = docs, every, split == "train"

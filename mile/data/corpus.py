@@ -171,5 +171,7 @@ def read_documents(paths: Sequence[str | os.PathLike], text_key: str = "text") -
     docs = [doc for f in files for doc in iter_documents(f, text_key)]
     if not docs:
         names = ", ".join(str(p) for p in paths)
-        raise ValueError(f"corpus {names} contains no documents; add text (see mile.data.sources for the formats).")
+        raise ValueError(
+            f"corpus {names} contains no documents; add text (see mile.data.sources for the formats)."
+        )
     return docs

@@ -86,7 +86,12 @@ class Builder:
 
     def build(self, directory, units, **kwargs) -> dict:
         return store.build(
-            directory, units, workers=self.workers, runner=self.runner, beam_options=self.beam_options, **kwargs
+            directory,
+            units,
+            workers=self.workers,
+            runner=self.runner,
+            beam_options=self.beam_options,
+            **kwargs,
         )
 
 
@@ -119,7 +124,11 @@ def _local_cache(cache_dir: str) -> pathlib.Path:
     """Where tokenizers (and the KJV download) are cached: the cache itself, or, for a gs:// one,
     a local directory (SentencePiece and tokenizers read local files only)."""
     if paths.is_remote(cache_dir):
-        return pathlib.Path(tempfile.gettempdir()) / "mile-cache" / hashlib.sha256(cache_dir.encode()).hexdigest()[:16]
+        return (
+            pathlib.Path(tempfile.gettempdir())
+            / "mile-cache"
+            / hashlib.sha256(cache_dir.encode()).hexdigest()[:16]
+        )
     return pathlib.Path(cache_dir)
 
 
@@ -185,7 +194,9 @@ def _prepare_files(cfg: DataConfig, cache_dir: str, builder: Builder) -> Prepare
         dtype=dtype,
         meta={"text_store": text_dir, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
     )
-    return _held_out(tokenizer, token_dir, cfg.validation_every, f"{key}-{tokenizer.fingerprint}", cache_dir, True)
+    return _held_out(
+        tokenizer, token_dir, cfg.validation_every, f"{key}-{tokenizer.fingerprint}", cache_dir, True
+    )
 
 
 def _report(manifest: dict, num_files: int) -> None:
@@ -272,7 +283,9 @@ def describe(prepared: PreparedData) -> Sequence[str]:
     for split in ("train", "eval"):
         spec = prepared.train if split == "train" else prepared.eval
         if spec.store_dir is not None and paths.is_remote(spec.store_dir):
-            lines.append(f"{split}: {what} in {spec.store_dir} (mount it or copy it to a local disk to train)")
+            lines.append(
+                f"{split}: {what} in {spec.store_dir} (mount it or copy it to a local disk to train)"
+            )
         else:
             lines.append(f"{split}: {len(prepared.open(split))} documents ({what})")
     return lines

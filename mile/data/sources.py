@@ -113,7 +113,9 @@ def read_parquet(name: str, raw: IO[bytes], text_key: str) -> Iterator[Record]:
     try:
         table = pq.ParquetFile(raw)
     except Exception as e:  # pyarrow's errors vary by what is wrong with the file
-        raise ValueError(f"{name} is not a parquet file ({str(e).splitlines()[0]}); fix or remove it.") from None
+        raise ValueError(
+            f"{name} is not a parquet file ({str(e).splitlines()[0]}); fix or remove it."
+        ) from None
     columns = table.schema_arrow.names
     if text_key not in columns:
         raise ValueError(f"{name} has no column {text_key!r} (has {columns}); set data.text_key.")
@@ -132,10 +134,44 @@ def _gunzip(raw: IO[bytes]) -> IO[bytes]:
     return gzip.GzipFile(fileobj=raw)
 
 
-def _unzstd(raw: IO[bytes]) -> IO[bytes]:
-    import zstandard  # only .zst needs it
+class _ZstdReader(io.RawIOBase):
+    """A .zst stream of one or more frames, decompressed as it is read. zstandard's own stream
+    reader ends quietly at a truncated frame; this raises EOFError there instead."""
 
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    def __init__(self, raw: IO[bytes]):
+        import zstandard  # only .zst needs it
+
+        self._raw, self._zstd = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False  # bytes of the current frame were read and it has not ended
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed data ended before the end of a zstd frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._frame.decompress(chunk)
+                chunk = b""
+                if self._frame.eof:  # a frame ended; what follows starts the next one
+                    chunk = self._frame.unused_data
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _unzstd(raw: IO[bytes]) -> IO[bytes]:
+    return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
 
 
 Reader = Callable[[str, IO[bytes], str], Iterator[Record]]
@@ -160,9 +196,7 @@ def read_file(path: str, text_key: str = "text") -> Iterator[Record]:
     """Every record of one file, in order (see the module docstring)."""
     suffix = format_of(path)
     if suffix is None:
-        raise ValueError(
-            f"corpus file {path} has an unsupported name; use one of {', '.join(FORMATS)}."
-        )
+        raise ValueError(f"corpus file {path} has an unsupported name; use one of {', '.join(FORMATS)}.")
     if not paths.isfile(path):
         raise ValueError(f"corpus file {path} does not exist; check data.text_files.")
     decompress, reader = FORMATS[suffix]
@@ -199,22 +233,11 @@ def expand(patterns: tuple[str, ...] | list[str]) -> list[str]:
 
 def _expand_one(pattern: str) -> list[str]:
     if any(c in pattern for c in "*?["):
-        root, glob = _split_glob(pattern)
-        matches = [str(p) for p in paths.path(root).glob(glob)]
-        return sorted(m for m in matches if format_of(m) and paths.isfile(m))
+        return [m for m in paths.glob(pattern) if format_of(m) and paths.isfile(m)]
     if paths.isdir(pattern):
-        matches = [str(p) for p in paths.path(pattern).rglob("*")]
-        return sorted(m for m in matches if format_of(m) and paths.isfile(m))
+        return [m for m in paths.files_under(pattern) if format_of(m)]
     if format_of(pattern) is None:
         raise ValueError(f"corpus file {pattern} has an unsupported name; use one of {', '.join(FORMATS)}.")
     if not paths.isfile(pattern):
         raise ValueError(f"corpus file {pattern} does not exist; check data.text_files.")
-    return [pattern]
-
-
-def _split_glob(pattern: str) -> tuple[str, str]:
-    """("the directory before the first wildcard", "the rest"), e.g. ("gs://b/c4", "*/part-*.jsonl.gz")."""
-    parts = pattern.split("/")
-    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
-    root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
-    return root, "/".join(parts[first:])
+    return [paths.join(pattern)]

@@ -53,8 +53,9 @@ class ShardWriter:
     """Writes one split of one unit: ``<split>-<unit>-<part>.arrayrecord`` files of about
     ``shard_bytes`` each; ``shards`` lists (file name, records) of what was written."""
 
-    def __init__(self, directory: pathlib.Path, split: str, unit: int, shard_bytes: int = SHARD_BYTES):
-        self._directory, self._split, self._unit, self._shard_bytes = directory, split, unit, shard_bytes
+    def __init__(self, directory: pathlib.Path, split: str, unit: int, shard_bytes: int | None = None):
+        self._directory, self._split, self._unit = directory, split, unit
+        self._shard_bytes = shard_bytes or SHARD_BYTES
         self.shards: list[tuple[str, int]] = []
         self._writer = None
         self._bytes = 0
@@ -183,7 +184,9 @@ def build(
         done.update({u.index: _read_unit(directory, u.index) for u in todo})
         missing = [u.label or str(u.index) for u in todo if done[u.index] is None]
         if missing:
-            raise RuntimeError(f"the {runner} pipeline finished but units {missing[:5]} wrote nothing; see its log.")
+            raise RuntimeError(
+                f"the {runner} pipeline finished but units {missing[:5]} wrote nothing; see its log."
+            )
     manifest = _manifest([done[u.index] for u in units], kind=kind, dtype=dtype, meta=meta)
     paths.write_text(paths.join(directory, MANIFEST), json.dumps(manifest, indent=1))  # last: the commit
     return manifest

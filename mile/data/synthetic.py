@@ -347,7 +347,7 @@ def prepare(data_cfg: Any, cache_dir: pathlib.Path) -> tuple[IdTokenizer, pathli
     The store (``mile.data.store``, kind "tokens") holds every document's ids in order; the
     train/validation split is the usual held-out view over it (``mile.data.build.HeldOut``).
     """
-    from mile.data import build, store
+    from mile.data import store
 
     spec = SyntheticSpec.from_config(data_cfg)
     root = pathlib.Path(cache_dir) / "synthetic" / spec.key()

@@ -164,7 +164,7 @@ class HFTokenizer(Tokenizer):
         return out
 
     def _special(self, configured: str | None, names: Sequence[str]) -> int:
-        for name in ((configured,) if configured else names):
+        for name in (configured,) if configured else names:
             token_id = self.processor.token_to_id(name)
             if token_id is not None:
                 return int(token_id)
@@ -213,7 +213,9 @@ def local_tokenizer(path: str, cache_dir: str | os.PathLike) -> pathlib.Path:
         return pathlib.Path(path)
     if not paths.isfile(path):
         raise ValueError(f"tokenizer {path} does not exist; check data.tokenizer.")
-    out_dir = pathlib.Path(cache_dir) / "tokenizers" / f"remote-{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+    out_dir = (
+        pathlib.Path(cache_dir) / "tokenizers" / f"remote-{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     name = paths.path(path).name
     sibling = paths.join(str(paths.path(path).parent), "tokenizer_config.json")
@@ -279,8 +281,12 @@ def train_or_load(
     start = time.time()
     model = _train_sentencepiece(lines, vocab_size, max_sentences)
     if lines.count == 0:
-        raise ValueError("tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name).")
-    logging.info("Trained %d-piece tokenizer on %d lines in %.1fs", vocab_size, lines.count, time.time() - start)
+        raise ValueError(
+            "tokenizer training text is empty; check the corpus (data.text_files / data.tfds_name)."
+        )
+    logging.info(
+        "Trained %d-piece tokenizer on %d lines in %.1fs", vocab_size, lines.count, time.time() - start
+    )
     with paths.replacing(model_path) as tmp:  # a present sp.model is always complete
         tmp.write_bytes(model)
     return SentencePieceTokenizer(model_path)

@@ -487,3 +487,70 @@ def test_the_prepare_command_builds_and_reports_bad_input_in_one_line(tmp_path, 
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1 and errors[0].startswith(message), out[-3000:]
         assert "Traceback" not in out
+
+
+# --- a run with its own tokenizer -------------------------------------------------------------
+
+
+def test_a_run_records_its_tokenizer_evaluates_and_exports_with_it_and_refuses_another(
+    tmp_path, own_tokenizers, capsys
+):
+    import shutil
+
+    import transformers
+
+    from mile import evaluate, export
+    from mile import train as T
+    from train_helpers import tiny_config
+
+    hf = own_tokenizers["hf"]
+    given = tmp_path / "tok" / "tokenizer.json"
+    given.parent.mkdir()
+    shutil.copyfile(hf.path, given)
+    overrides = {
+        "data.tokenizer": str(given),
+        "data.pretokenize": True,
+        "train.steps": 2,
+        "train.checkpoint_every": 2,
+        "train.eval_every": 2,
+    }
+    cfg = tiny_config(tmp_path, **overrides)
+    wd = tmp_path / "wd"
+    T.train(cfg, str(wd))
+    with T.Checkpointer.reader(str(wd / "checkpoints")) as ck:
+        assert ck.saved_config(2)[md.FINGERPRINT_KEY] == hf.fingerprint
+
+    # Evaluation and the export read the run's tokenizer from its saved config.
+    args = ["--workdir", str(wd), "--eval-batches", "2"]
+    assert evaluate.run_eval(evaluate.parse_args(args))["step"] == 2
+    assert export.main(["--workdir", str(wd), "--out", str(tmp_path / "hf")]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "in the beginning 42 naïve ☃"
+    assert exported(text, add_special_tokens=False)["input_ids"] == hf.encode(text)
+
+    # The same path, another tokenizer: resuming, evaluating and exporting refuse it by fingerprint.
+    shutil.copyfile(own_tokenizers["no-eos"].path, given)  # no EOS either: the fingerprint speaks first
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "a"}')
+    more = tiny_config(tmp_path, **{**overrides, "train.steps": 4})
+    for attempt in (
+        lambda: T.train(more, str(wd)),
+        lambda: evaluate.run_eval(evaluate.parse_args([*args, "--overwrite"])),
+    ):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        assert f"was trained with tokenizer {hf.fingerprint}, but data.tokenizer='{given}' gives" in str(
+            err.value
+        )
+    assert export.main(["--workdir", str(wd), "--out", str(tmp_path / "hf2")]) == 2
+    assert "was trained with tokenizer" in capsys.readouterr().err
+
+    # A tokenizer larger than the model's vocabulary is refused before anything is written.
+    shutil.copyfile(hf.path, given)
+    small = tiny_config(tmp_path, **{**overrides, "model.vocab_size": 256})
+    with pytest.raises(ValueError) as err:
+        T.train(small, str(tmp_path / "small"))
+    n = hf.vocab_size  # the trainer stops below 320 when the text has no more merges
+    assert str(err.value) == (
+        f"tokenizer has {n} tokens but model.vocab_size=256; raise --config.model.vocab_size to at least {n}"
+    )
+    assert not (tmp_path / "small").exists()

@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
             tokenizer_max_docs=100000,  # documents sampled (strided) to train the tokenizer
             cache_dir=".cache",  # corpora, TFDS datasets and tokenizers
             shuffle_seed=0,  # training shuffle seed
-            read_threads=0,  # grain read/tokenise threads per process; 0 = the main thread
+            read_threads=0,  # grain read/tokenise threads per data stream; 0 = the main thread
+            read_workers=0,  # grain worker processes per data stream (other batches); 0 = none
             seq_len=256,  # tokens per sequence
             global_batch_size=16,  # sequences per optimiser update, over all processes
             # Disjoint document streams, each filling its own rows of every batch (mile.multihost);

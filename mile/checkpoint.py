@@ -360,6 +360,7 @@ ADDED_FIELDS = {
     "data.shards": 0,  # one data stream per process, as before streams existed
     "data.tokenizer": "train",
     "data.bad_records": "error",
+    "data.read_workers": 0,
 }
 # Model fields that change how the step computes, never the parameters: free to change on resume.
 _SAME_PARAMETERS = ("model.attention", "model.remat", "model.dtype")

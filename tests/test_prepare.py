@@ -554,3 +554,29 @@ def test_a_run_records_its_tokenizer_evaluates_and_exports_with_it_and_refuses_a
         f"tokenizer has {n} tokens but model.vocab_size=256; raise --config.model.vocab_size to at least {n}"
     )
     assert not (tmp_path / "small").exists()
+
+
+def test_grain_worker_processes_resume_exactly(tmp_path, many_files):
+    root, docs, files = many_files
+    cfg = _cfg(tmp_path, files, read_workers=2, pretokenize=True)
+    prepared = md.prepare(cfg)
+    it = md.train_iterator(cfg, prepared)
+    first = _take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 4)
+    resumed = md.train_iterator(cfg, prepared)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 4), expected)
+    # Every window is a run of the documents' ids joined by EOS, from either worker's share.
+    eos = prepared.tokenizer.eos_id
+    stream = np.concatenate(
+        [np.append(prepared.open("train")[i], eos) for i in range(len(prepared.open("train")))]
+    )
+    text = " ".join(map(str, stream))
+    for batch in first + expected:
+        for row in np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1):
+            assert row[row != eos].size == 0 or any(
+                " ".join(map(str, part)) in text
+                for part in np.split(row, np.flatnonzero(row == eos))
+                if part.size > 1
+            )

@@ -50,8 +50,12 @@ class DataConfig:
     cache_dir: str = ".cache"
     # Training shuffle seed (when train_iterator gets seed=None).
     shuffle_seed: int = 0
-    # grain read/tokenise threads per process; 0 = the main thread.
+    # grain read/tokenise threads per data stream; 0 = the main thread.
     read_threads: int = 0
+    # grain worker processes per data stream (each packs its own share of the documents, so the
+    # batches differ from read_workers=0); 0 = none. For tokenising on the fly on many cores;
+    # a pretokenized store needs none (experiments/bench_input.py).
+    read_workers: int = 0
     # Tokens per training/eval sequence, and sequences per optimiser update over all processes.
     seq_len: int = 256
     global_batch_size: int = 16
@@ -81,13 +85,21 @@ class DataConfig:
             files = [f for f in files.split(",") if f]
         self._set("text_files", tuple(os.fspath(f) for f in files))
         # The data functions always int()-ed these, so a float or numpy int in a config still works.
-        for name in ("validation_every", "vocab_size", "tokenizer_max_docs", "shuffle_seed", "read_threads"):
+        for name in (
+            "validation_every",
+            "vocab_size",
+            "tokenizer_max_docs",
+            "shuffle_seed",
+            "read_threads",
+            "read_workers",
+        ):
             self._set(name, int(getattr(self, name)))
         fields.whole_number("data.seq_len", self.seq_len)
         fields.whole_number("data.global_batch_size", self.global_batch_size)
         fields.whole_number("data.shards", self.shards, minimum=0, why=" (0 = one per process)")
         fields.whole_number("data.tokenizer_max_docs", self.tokenizer_max_docs)
         fields.whole_number("data.read_threads", self.read_threads, minimum=0, why=" (0 = main thread)")
+        fields.whole_number("data.read_workers", self.read_workers, minimum=0, why=" (0 = none)")
         fields.one_of("data.bad_records", self.bad_records, BAD_RECORDS)
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(

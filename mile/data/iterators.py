@@ -34,6 +34,7 @@ def train_iterator(
         seq_len=seq_len,
         global_batch_size=global_batch_size,
         seed=int(seed if seed is not None else cfg.shuffle_seed),
+        read_workers=cfg.read_workers,
         process_index=process_index,
         process_count=process_count,
     )

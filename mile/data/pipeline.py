@@ -86,15 +86,25 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     read_threads: int = 0,
+    read_workers: int = 0,
 ) -> grain.IterDataset:
     """Infinite training batches: this process's documents, reshuffled every epoch with ``seed``.
 
     ``iter(dataset)`` is checkpointable: ``get_state()`` gives a JSON-serialisable dict and
     ``set_state`` on a fresh iterator of the same pipeline resumes at exactly the same batch.
+    With ``read_workers`` grain worker processes, worker w reads and packs every
+    ``read_workers``-th document of the shuffled stream and batches come from the workers in turn.
     """
     batch_size = per_process_batch_size(global_batch_size, process_count)
     docs = _process_shard(source, process_index, process_count).shuffle(seed=seed).repeat()
-    return _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
+    batches = _pack_and_batch(docs, tokenizer, seq_len, batch_size, read_threads)
+    if read_workers == 0:
+        return batches
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may have none
+        flags.FLAGS.mark_as_parsed()
+    return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=read_workers))
 
 
 def eval_dataset(

@@ -347,3 +347,19 @@ def test_fetch_kjv(tmp_path):
     assert docs[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
     mtime = os.stat(path).st_mtime_ns
     assert corpus.fetch_kjv(tmp_path) == path and os.stat(path).st_mtime_ns == mtime
+
+
+def test_read_ahead_reads_what_grains_own_reader_reads():
+    import grain
+
+    docs = grain.MapDataset.range(53).shuffle(seed=3)[1::2].repeat(3)
+    mine, grains = iter(pipeline.ReadAheadIterDataset(docs, chunk=7)), iter(docs.to_iter_dataset())
+    for _ in range(40):
+        assert next(mine) == next(grains)
+        assert mine.get_state() == grains.get_state()
+    state = mine.get_state()
+    rest = list(mine)
+    assert rest == list(grains) and len(rest) == len(docs) - 40
+    again = iter(pipeline.ReadAheadIterDataset(docs, chunk=5))
+    again.set_state(state)
+    assert list(again) == rest

@@ -61,7 +61,8 @@ def _tokenizer(path: str) -> Tokenizer:
 def _write_ids(writer: store.ShardWriter, tokenizer: Tokenizer, docs: Sequence, dtype: np.dtype) -> int:
     """Encodes text documents (ids pass through) and writes them; returns the tokens written."""
     texts = [d for d in docs if isinstance(d, str)]
-    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+    # One core per unit: --workers, not the tokenizer's own threads, decides how many are busy.
+    encoded = iter(tokenizer.encode_batch(texts, num_threads=1)) if texts else iter(())
     tokens = 0
     for doc in docs:
         ids = np.asarray(next(encoded) if isinstance(doc, str) else doc, dtype=np.int64)
@@ -184,6 +185,8 @@ class HeldOut:
         if hasattr(self._docs, "__getitems__"):
             return list(self._docs.__getitems__(indices))
         return [self._docs[i] for i in indices]
+
+    _getitems = __getitems__  # grain's name for a batched read
 
     def __repr__(self) -> str:
         return f"HeldOut({self._docs!r}, every={self._every}, {'train' if self._train else 'validation'})"

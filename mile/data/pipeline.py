@@ -36,6 +36,53 @@ class DocumentIds:
         return np.concatenate([np.asarray(doc, np.int32), self._separator])
 
 
+class _ReadAheadIterator(grain.DatasetIterator):
+    def __init__(self, docs: grain.MapDataset, chunk: int):
+        super().__init__()
+        self._docs, self._chunk, self._length = docs, chunk, len(docs)
+        self._next = 0  # index of the next element to return
+        self._ahead: list = []  # elements self._next, self._next + 1, ... (last first)
+
+    def __next__(self):
+        if not self._ahead:
+            if self._next >= self._length:
+                raise StopIteration
+            indices = list(range(self._next, min(self._next + self._chunk, self._length)))
+            self._ahead = list(self._docs._getitems(indices))  # noqa: SLF001  grain's batched read
+            self._ahead.reverse()
+        self._next += 1
+        return self._ahead.pop()
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}  # the same state as grain's own reader
+
+    def set_state(self, state: dict) -> None:
+        self._next, self._ahead = int(state["next_index"]), []
+
+
+class ReadAheadIterDataset(grain.IterDataset):
+    """A MapDataset's elements in order, read ``chunk`` indices at a time.
+
+    The same elements and state as ``to_iter_dataset`` without threads, but each chunk is one
+    batched read down to the source: ArrayRecord returns a batch of records in about 7 us each
+    against about 100 us for one record at a time (experiments/bench_input.py).
+    """
+
+    def __init__(self, docs: grain.MapDataset, chunk: int):
+        super().__init__(docs)
+        self._chunk = chunk
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice  # grain's worker processes each take a slice of the elements
+        self._parents = (self._parent.slice(sl),)
+
+    def __iter__(self) -> _ReadAheadIterator:
+        return _ReadAheadIterator(self._parent, self._chunk)
+
+    def __str__(self) -> str:
+        return f"ReadAheadIterDataset(chunk={self._chunk})"
+
+
 def _window_to_example(window: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "inputs": window[:-1],
@@ -69,9 +116,13 @@ def _pack_and_batch(
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1.")
     # Tokenising on the MapDataset lets grain's read threads (if any) do it in parallel.
-    tokens = docs.map(DocumentIds(tokenizer)).to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 8 * batch_size))
-    )
+    ids = docs.map(DocumentIds(tokenizer))
+    if read_threads == 0:
+        tokens = ReadAheadIterDataset(ids, chunk=64)
+    else:
+        tokens = ids.to_iter_dataset(
+            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 8 * batch_size))
+        )
     windows = PackedWindowsIterDataset(tokens, window=seq_len + 1)
     return windows.map(_window_to_example).batch(batch_size, drop_remainder=True)
 

@@ -317,6 +317,8 @@ class StoreSource:
     def __getitems__(self, indices: Sequence[int]) -> list:
         return [decode_record(r, self.dtype) for r in self._source.__getitems__(list(indices))]
 
+    _getitems = __getitems__  # grain's name for a batched read
+
     def __repr__(self) -> str:
         return f"StoreSource({str(self.directory)!r}, {self.split!r}, {self._length} {self.kind} documents)"
 

@@ -308,7 +308,7 @@ class IdTokenizer:
         # The ids are the tokens: only the size of the id space can differ.
         return f"ids-{self.size}"
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
     def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:

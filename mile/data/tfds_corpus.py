@@ -27,6 +27,8 @@ class _TextSource:
     def __getitems__(self, indices: Sequence[int]) -> list[str]:
         return [_as_str(r[self._text_key]) for r in self._source.__getitems__(indices)]
 
+    _getitems = __getitems__  # grain's name for a batched read
+
     def __repr__(self) -> str:
         return f"_TextSource({self._source!r}, text_key={self._text_key!r})"
 

@@ -58,7 +58,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """``encode`` of each text; ``num_threads`` caps the library's own threads (None: its default)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -106,8 +107,8 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.processor.encode(list(texts))
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        return self.processor.encode(list(texts), num_threads=-1 if num_threads is None else num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode([int(i) for i in ids])
@@ -178,7 +179,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        if num_threads == 1:  # the library's thread pool is process-wide: encode one by one instead
+            return [self.encode(t) for t in texts]
         return [e.ids for e in self.processor.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -29,6 +29,7 @@ from mile.restore import existing_checkpoint, resume
 from mile.state import OptimConfig, build_state, state_builder
 from mile.step import LOSS_HEADS, jit_eval_step, jit_train_step
 from mile.steplog import LateMetrics, NonfiniteGuard, Throughput, TrainLog
+from mile.steplog import TrainingError  # noqa: F401  launch.py catches it from here
 from mile.watchdog import HangLimits, Watchdog
 
 

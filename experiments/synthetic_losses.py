@@ -106,7 +106,7 @@ def evaluate_run(workdir: str, eval_batches: int, final_only: bool = False) -> d
     from mile.checkpoint import Checkpointer
 
     with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=100, async_save=False) as c:
-        steps = sorted(c.all_steps())
+        steps = c.steps()
     if final_only:
         steps = steps[-1:]
     results = {}

@@ -23,19 +23,19 @@ Integrity (mile.integrity): every save adds a fourth item, `integrity`, with a c
 state array and a SHA-256 of the data state and config, written in the same atomic orbax save.
 `restore` recomputes and compares them. A checkpoint that cannot be read (truncated file, missing
 item) or whose checksums differ raises `CorruptCheckpointError`, one line saying which step and why.
-A checkpoint saved before checksums existed restores with a warning. `restore_latest_verified`
-walks back from the newest step to the newest one that verifies (the trainer's fallback).
+A checkpoint saved before checksums existed restores with a warning.
 
-Complete steps: a step directory counts only when it has orbax's `_CHECKPOINT_METADATA` and every
-item directory. A kill while orbax deletes an old step can leave a partial directory; it is not
-offered to restore, evaluate or export (orbax removes it at a later cleanup).
+Steps: `steps()` lists the step directories orbax finalised; a step is usable when it reads and
+verifies. A directory missing orbax's `_CHECKPOINT_METADATA` or an item directory (a kill while
+orbax deletes an old step, or damage) is a CorruptCheckpointError at the first read. Choosing
+which step to resume from (walking back past the unusable ones) is mile.restore's job.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import orbax.checkpoint as ocp
 
@@ -47,7 +47,7 @@ _ITEMS = ("state", "data_state", "config", "integrity")
 _REQUIRED = ("state", "data_state", "config")  # "integrity" is absent from older checkpoints
 _ORBAX_METADATA = "_CHECKPOINT_METADATA"
 # What orbax writes last to say a step is finished (the second one on GCS, where it cannot rename).
-_MARKERS = (_ORBAX_METADATA, "commit_success.txt")
+FINISH_MARKERS = (_ORBAX_METADATA, "commit_success.txt")
 
 
 class CorruptCheckpointError(ValueError):
@@ -158,17 +158,15 @@ class Checkpointer:
         missing = [] if paths.exists(paths.join(d, _ORBAX_METADATA)) else [_ORBAX_METADATA]
         return missing + [f"{item}/" for item in _REQUIRED if not paths.isdir(paths.join(d, item))]
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
-    def all_steps(self) -> list[int]:
-        """The complete steps on disk, ascending (partial directories left by a kill are skipped)."""
-        return sorted(s for s in self._mngr.all_steps() if not self.missing_parts(s))
-
-    def finalized_steps(self) -> list[int]:
-        """Every step directory orbax finalised, complete or not, ascending."""
+    def steps(self) -> list[int]:
+        """Every step directory orbax finalised, ascending. Whether a step is usable is known only
+        by reading it: `restore` and `saved_config` raise CorruptCheckpointError for one that is
+        incomplete or fails its checks (mile.restore walks back past those)."""
         return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     # -- save ------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, data_state: dict, config: dict, force: bool = False) -> bool:
@@ -275,61 +273,6 @@ class Checkpointer:
         out = self._read(int(step), config=ocp.args.JsonRestore())
         self._check_json(int(step), out, "config")
         return out["config"]
-
-
-class Restored(NamedTuple):
-    step: int
-    state: Any
-    data_state: dict
-    rejected: list[CorruptCheckpointError]  # the newer steps that failed, newest first
-
-
-def restore_latest_verified(directory, abstract_state) -> Restored | None:
-    """The newest step of `directory` that reads and verifies, walking back past corrupt ones.
-
-    Incomplete step directories count as corrupt when newer than the step restored (orbax deletes
-    only old steps, so a newest one missing an item was damaged), and are ignored when older (a
-    deletion cut short). None when there are no checkpoints. Raises CorruptCheckpointError naming
-    every step when none verifies. Nothing on disk is changed (see `set_aside`).
-    """
-    if not paths.isdir(directory):
-        return None
-    with Checkpointer.reader(directory) as ck:
-        steps = ck.finalized_steps()
-        rejected = []
-        for step in reversed(steps):
-            try:
-                state, data_state = ck.restore(step, abstract_state)
-                return Restored(step, state, data_state, rejected)
-            except CorruptCheckpointError as e:
-                # A fresh error: the caught one's traceback would keep the rejected step's
-                # restored arrays alive (on device) while older steps are tried.
-                rejected.append(CorruptCheckpointError(ck.directory, e.step, e.problem, str(e)))
-    if not rejected:
-        return None
-    problems = "; ".join(f"step {e.step} {e.problem}" for e in rejected)
-    message = (
-        f"no checkpoint in {directory} can be restored ({problems}); nothing was changed: "
-        "repair them, or move that directory aside to start afresh"
-    )
-    raise CorruptCheckpointError(directory, rejected[0].step, problems, message)
-
-
-def set_aside(directory, step: int) -> str:
-    """Moves step directory `step` to `<directory>/../corrupt_checkpoints/` (never deletes it);
-    returns its new path. Call on one process only.
-
-    On GCS there is no rename: the objects are copied, then the originals deleted with orbax's
-    finalisation markers last (mile.paths.move_tree), so a kill part way loses nothing and leaves
-    at most an incomplete step directory, which the next resume sets aside again."""
-    dest_root = paths.join(paths.path(directory).parent, "corrupt_checkpoints")
-    paths.makedirs(dest_root)
-    dest, n = paths.join(dest_root, str(int(step))), 1
-    while paths.exists(dest):
-        n += 1
-        dest = paths.join(dest_root, f"{int(step)}.{n}")
-    paths.move_tree(paths.join(directory, str(int(step))), dest, markers_last=_MARKERS)
-    return dest
 
 
 # -- config compatibility ------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_max_to_keep_async_and_no_overwrite(tmp_path):
         for step in (10, 20, 30):
             assert ck.save(step, _state(step), data_state={"step": step}, config=CONFIG)
         ck.wait()
-        assert ck.all_steps() == [20, 30]
+        assert ck.steps() == [20, 30]
         assert ck.latest_step() == 30
         # an existing step is never clobbered: the save is skipped and the old content kept
         assert ck.save(30, _state(-1.0), data_state={"step": -1}, config=CONFIG) is False

@@ -113,3 +113,37 @@ def test_path_layer_on_the_bucket(gcs, tmp_path):
     assert paths.read_bytes(f"{root}/up/sub/f.bin") == b"\x00\x01"
     with paths.local_copy(f"{root}/up/sub/f.bin") as local:
         assert local.read_bytes() == b"\x00\x01"
+
+
+def test_a_corpus_and_a_tokenizer_on_the_bucket_prepare_into_a_store_on_the_bucket(gcs, tmp_path):
+    """Corpus files matched by a gs:// glob, a gs:// tokenizer, and a store built on the bucket
+    (as a Beam runner on Dataflow would), which a host then copies down and reads."""
+    import mile.data as md
+    from mile.data import build, corpus, store
+    from mile.data import tokenizer as mtok
+
+    bucket = f"gs://{gcs.bucket}/prep"
+    docs = [f"document {i}: in the beginning 42 ☃" for i in range(30)]
+    for part in range(3):
+        local = corpus.write_jsonl(tmp_path / f"part-{part}.jsonl", docs[part * 10 : (part + 1) * 10])
+        paths.write_bytes(f"{bucket}/corpus/part-{part}.jsonl", local.read_bytes())
+    sp = mtok.train_or_load(docs, corpus_fingerprint="gcs", vocab_size=300, cache_dir=tmp_path / "tok")
+    paths.write_bytes(f"{bucket}/tokenizer.model", sp.path.read_bytes())
+    cfg = {
+        "source": "text", "text_files": (f"{bucket}/corpus/*.jsonl",), "tokenizer": f"{bucket}/tokenizer.model",
+        "validation_every": 5, "pretokenize": True, "seq_len": 8, "global_batch_size": 2,
+    }  # fmt: skip
+
+    local = md.prepare({**cfg, "cache_dir": str(tmp_path / "cache")})
+    assert [list(local.open("train")[i]) for i in range(len(local.open("train")))] == [
+        sp.encode(d) for i, d in enumerate(docs) if (i + 1) % 5
+    ]
+    remote = md.prepare({**cfg, "cache_dir": f"{bucket}/cache"})
+    token_dir = remote.train.store_dir
+    assert token_dir.startswith(f"{bucket}/cache/tokens/") and store.is_complete(token_dir)
+    with pytest.raises(ValueError, match="ArrayRecord reads only from a filesystem; mount the bucket"):
+        remote.open("train")
+    # The same files as the local build, byte for byte.
+    for name in store.read_manifest(token_dir)["splits"][build.DOCS]["shards"]:
+        mine = os.path.join(local.train.store_dir, name)
+        assert paths.read_bytes(f"{token_dir}/{name}") == open(mine, "rb").read()

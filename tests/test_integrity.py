@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mile import integrity
-from mile.checkpoint import Checkpointer, CorruptCheckpointError, restore_latest_verified, set_aside
+from mile.checkpoint import Checkpointer, CorruptCheckpointError
+from mile.restore import restore_latest_verified, set_aside
 
 CONFIG = {"model": {"num_layers": 2}, "seed": 0}
 
@@ -137,7 +138,7 @@ def test_damaged_latest_checkpoint_is_refused_and_the_previous_one_restores(tmp_
     moved = set_aside(directory, 4)
     assert moved == str(tmp_path / "corrupt_checkpoints" / "4") and os.path.isdir(moved)
     with Checkpointer(directory, max_to_keep=None, read_only=True) as ck:
-        assert ck.all_steps() == [2]
+        assert ck.steps() == [2]
 
 
 def test_no_verified_checkpoint_is_one_error_and_nothing_moves(tmp_path):
@@ -164,14 +165,14 @@ def test_saved_config_is_checked(tmp_path):
             ck.saved_config(2)
 
 
-def test_half_deleted_old_step_is_not_a_step(tmp_path):
+def test_half_deleted_old_step_is_never_resumed_from(tmp_path):
     # A kill while orbax deletes an old step leaves its directory partly emptied.
     directory = str(tmp_path / "checkpoints")
     _save(directory)
     os.remove(f"{directory}/2/_CHECKPOINT_METADATA")
     shutil.rmtree(f"{directory}/2/config")
     with Checkpointer(directory, max_to_keep=None, read_only=True) as ck:
-        assert ck.all_steps() == [4] and ck.latest_step() == 4
+        assert ck.steps() == [2, 4] and ck.latest_step() == 4  # a directory, not a usable step
         with pytest.raises(
             CorruptCheckpointError, match=r"step 2 .* is incomplete \(no _CHECKPOINT_METADATA, config/\)"
         ):

@@ -73,8 +73,9 @@ def get_config(arg: str = "468m,mile"):
         source="tfds",
         tfds_name="c4/en",
         vocab_size=32000,  # or --config.data.tokenizer=path/to/llama/tokenizer.model, as the paper
-        # Token ids stored once (python -m mile.prepare): a host reads 6M tokens/s per core that
-        # way against 0.8M tokenising on the fly (experiments/results/input_pipeline.md).
+        # Token ids stored once (python -m mile.prepare --workers N, ahead of the job): a host then
+        # reads 10M tokens per CPU-second against 0.7-0.9M tokenising on the fly
+        # (experiments/results/input_pipeline.md).
         pretokenize=True,
         seq_len=s.seq,
         global_batch_size=s.batch_tokens // s.seq,

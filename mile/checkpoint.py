@@ -312,19 +312,20 @@ _SAME_BATCHES = ("data.pretokenize", "data.read_threads", "data.cache_dir")
 
 
 def config_mismatch(
-    saved: dict, new: dict, prefixes: Iterable[str] = ("model.", "data.", "seed")
+    saved: dict, new: dict, prefixes: Iterable[str] = ("model.", "data.", "seed"), ignore: Iterable[str] = ()
 ) -> str | None:
     """First compatibility-relevant difference between two nested config dicts, or None.
 
     Both dicts are flattened to dotted keys; only keys starting with one of `prefixes` are
     compared (in sorted order). Returns e.g. "model.num_layers: checkpoint has 4, config has 6",
     or "model.foo: checkpoint has 1, config lacks it" for a key present in one only (a key in
-    ADDED_FIELDS that the checkpoint lacks counts as holding its old implicit value).
+    ADDED_FIELDS that the checkpoint lacks counts as holding its old implicit value). Keys in
+    `ignore` are not compared.
     """
-    prefixes = tuple(prefixes)
+    prefixes, ignore = tuple(prefixes), set(ignore)
     fs, fn = _flatten(saved), _flatten(new)
     for key in sorted(set(fs) | set(fn)):
-        if not key.startswith(prefixes) or key in _SAME_PARAMETERS or key in _SAME_BATCHES:
+        if not key.startswith(prefixes) or key in _SAME_PARAMETERS or key in _SAME_BATCHES or key in ignore:
             continue
         if key not in fn:
             return f"{key}: checkpoint has {fs[key]!r}, config lacks it"

@@ -169,9 +169,9 @@ def _tokenizer_files(tok: _TokenizerInfo, max_len: int) -> tuple[dict, dict]:
         "model_max_length": max_len,
         **special,
     }
-    if tok.kind == "sentencepiece":
-        # SentencePiece reads "</s>" in a text as characters, never as the control token.
-        tok_cfg["split_special_tokens"] = True
+    # mile reads "</s>" (or "<|endoftext|>") inside a text as characters, never as the special
+    # token: SentencePiece always does, and mile.data.tokenizer.HFTokenizer is set to.
+    tok_cfg["split_special_tokens"] = True
     return tok_cfg, special
 
 

@@ -16,7 +16,7 @@ The API, for every caller (data preparation included):
   is_remote(p)                 a URL (scheme://) rather than a local path
   path(p) / join(p, *parts)    an epath.Path / a str; local ones made absolute
   exists, isdir, isfile, listdir, makedirs, read_text, read_bytes, open(p, mode)
-  version(p)                   size and modification time of a file, for cache keys
+  version(p), versions(files)  size and modification time of files, for cache keys
   glob(pattern), files_under(p) the files a pattern or a directory names
   replacing(p)                 a local temporary file to write; becomes `p` whole, or not at all
   write_text, write_bytes      whole files, atomically
@@ -112,6 +112,29 @@ def files_under(p: PathLike) -> list[str]:
         return sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
     proto = os.fspath(p).split("://", 1)[0] + "://"
     return sorted(f if "://" in f else proto + f for f in _fs(p).find(os.fspath(p)))
+
+
+def versions(files: list[str]) -> list[str]:
+    """`version` of each file; remote ones from one listing per directory (one request per
+    directory, not one per file, for corpora of thousands of shards)."""
+    remote_dirs = {os.path.dirname(f) for f in files if is_remote(f)}
+    listed: dict[str, dict] = {}
+    for d in remote_dirs:
+        proto = d.split("://", 1)[0] + "://"
+        for info in _fs(d).ls(d, detail=True):
+            name = info["name"] if "://" in info["name"] else proto + info["name"]
+            listed[name] = info
+    out = []
+    for f in files:
+        info = listed.get(f)
+        if info is None:
+            out.append(version(f))
+        else:
+            stamp = (
+                info.get("generation") or info.get("updated") or info.get("mtime") or info.get("etag") or ""
+            )
+            out.append(f"{info.get('size')}:{stamp}")
+    return out
 
 
 def makedirs(p: PathLike) -> None:

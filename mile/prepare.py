@@ -3,8 +3,8 @@ data.pretokenize, the token store, all cached under data.cache_dir.
 
     python -m mile.prepare --config configs/cpu.py --workers 8
     python -m mile.prepare --config my.py --config.data.pretokenize=true --workers 16
-    python -m mile.prepare --config my.py --runner DataflowRunner \
-        --beam_options="--project=P --region=R --temp_location=gs://B/tmp" --config.data.cache_dir=gs://B/cache
+    python -m mile.prepare --config my.py --runner DataflowRunner --config.data.tokenizer=gs://B/tokenizer.model \
+        --config.data.cache_dir=gs://B/cache --beam_options="--project=P --region=R --temp_location=gs://B/tmp ..."
 
 --workers N runs the units of work (one per input file; for the token store, one per text shard)
 in N processes here. --runner runs the same units as an Apache Beam pipeline instead
@@ -40,7 +40,9 @@ def main(argv):
 
     builder = Builder(_WORKERS.value, _RUNNER.value, tuple(shlex.split(_BEAM_OPTIONS.value)))
     started = time.perf_counter()
-    prepared = mdata.prepare(cfg.data, builder=builder)
+    prepared = mdata.prepare(
+        cfg.data, builder=builder, check=lambda t: mdata.check_fits(t, cfg.model, cfg.data)
+    )
     for line in describe(prepared):
         print(line)
     print(f"prepared in {time.perf_counter() - started:.1f} s (data.cache_dir={cfg.data.cache_dir})")

@@ -140,9 +140,9 @@ def trained_data(cfg):
     checkpoint recorded (a tokenizer file replaced since training, say)."""
     from mile import data as mdata
 
-    prepared = mdata.prepare(cfg.data)
-    mdata.check_fingerprint(prepared, cfg, "this checkpoint")
-    return prepared
+    return mdata.prepare(
+        cfg.data, check=lambda tokenizer: mdata.check_fingerprint(tokenizer, cfg, "this checkpoint")
+    )
 
 
 def _choose_step(checkpointer: Checkpointer, workdir: str, step: int | None) -> tuple[int, str]:

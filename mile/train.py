@@ -144,7 +144,10 @@ def _check_compatible(workdir: str, ckpt_dir: str, config_dict: dict) -> tuple[i
     """(the workdir's latest checkpoint step, its saved config), (None, None) if none; ValueError
     if it is from another model/data."""
     latest, saved = existing_checkpoint(ckpt_dir)
-    diff = None if saved is None else config_mismatch(saved, config_dict)
+    # A recorded tokenizer fingerprint is the real check (after preparing the data): the file
+    # may then move, say from a local disk to a bucket.
+    ignore = ("data.tokenizer",) if saved is not None and mdata.FINGERPRINT_KEY in saved else ()
+    diff = None if saved is None else config_mismatch(saved, config_dict, ignore=ignore)
     if diff:
         raise ValueError(
             f"workdir {workdir} holds a checkpoint from an incompatible config ({diff}); "
@@ -184,17 +187,22 @@ class Run:
         return saved
 
 
-def _prepare_data(cfg) -> mdata.PreparedData:
+def _prepare_data(cfg, saved: dict | None, workdir: str) -> mdata.PreparedData:
+    """The run's data, built with every core of process 0 where missing (`python -m mile.prepare`
+    does it ahead of time). The tokenizer is checked against the model and against the one the
+    workdir's checkpoints recorded before any token store is built."""
+
+    def check(tokenizer):
+        mdata.check_fits(tokenizer, cfg.model, cfg.data)
+        if saved is not None:
+            mdata.check_fingerprint(tokenizer, saved, f"workdir {workdir}")
+
+    builder = mdata.Builder(workers=os.cpu_count() or 1)
     # Process 0 builds the data caches; the others wait, then read them (a shared filesystem
     # would otherwise see every host write the same files at once).
-    prepared = multihost.primary_first(lambda: mdata.prepare(cfg.data), "prepare the data")
-    if prepared.tokenizer.vocab_size > cfg.model.vocab_size:
-        lower = " or lower --config.data.vocab_size" if cfg.data.get("tokenizer", "train") == "train" else ""
-        raise ValueError(
-            f"tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-            f"raise --config.model.vocab_size to at least {prepared.tokenizer.vocab_size}{lower}"
-        )
-    return prepared
+    return multihost.primary_first(
+        lambda: mdata.prepare(cfg.data, builder=builder, check=check), "prepare the data"
+    )
 
 
 def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -206,9 +214,7 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     spec = check_config(cfg, mesh)
     ckpt_dir = checkpoint_dir(workdir)
     latest, saved = _check_compatible(workdir, ckpt_dir, json.loads(cfg.to_json()))
-    prepared = _prepare_data(cfg)
-    if saved is not None:
-        mdata.check_fingerprint(prepared, saved, f"workdir {workdir}")
+    prepared = _prepare_data(cfg, saved, workdir)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     resumed = None
     if latest is not None:
@@ -368,7 +374,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None =
                     with watchdog.watch(f"checkpoint save at step {step}", limits.limit("save")):
                         save(step)
                 if stop and step < last_step:  # stopping at the last step is just the end
-                    log.say(f"preempted ({preemption.signal_name or 'another process'}): stopping after step {step}")
+                    log.say(
+                        f"preempted ({preemption.signal_name or 'another process'}): stopping after step {step}"
+                    )
                     with watchdog.watch(f"preemption save of step {step}", limits.limit("final save")):
                         checkpointer.wait()
                     raise Preempted(step, saved=guard.finite)

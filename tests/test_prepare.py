@@ -126,6 +126,11 @@ def test_directories_and_globs_expand_sorted_and_once(tmp_path):
     assert sources.expand([str(tmp_path / "corpus" / "*.jsonl*")]) == files[1:4]
     # A file named twice is read once, in the place it was first named.
     assert sources.expand([files[4], str(tmp_path / "corpus" / "*.txt"), files[4]]) == [files[4], files[0]]
+    said = []
+    assert sources.expand([str(tmp_path / "corpus")], report=said.append) == sorted(files + [extra])
+    assert said == [
+        f"data.text_files entry {str(tmp_path / 'corpus')!r}: 1 file(s) not in a supported format are not read (notes.csv)"
+    ]
     assert corpus.read_documents([str(tmp_path / "corpus" / "*")]) == docs
     with pytest.raises(ValueError, match=r"matches no .*file; check the path or glob"):
         sources.expand([str(tmp_path / "corpus" / "*.json")])
@@ -153,6 +158,11 @@ BAD = {
     ),
     "utf8": (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n{"text": "ok too"}\n', ".jsonl", ":2: is not UTF-8"),
     "txt": (b"ok\n\n\xff bad line\n\nok too\n", ".txt", ":3: is not UTF-8"),
+    "surrogate": (
+        b'{"text": "ok"}\n{"text": "cut \\ud800 here"}\n{"text": "ok too"}\n',
+        ".jsonl",
+        ":2: field 'text' holds a lone surrogate",
+    ),
 }
 
 
@@ -251,6 +261,8 @@ def _store_files(cache):
     paths and timings taken out of the manifests."""
     out = {}
     for dirpath, _, names in os.walk(cache):
+        if "/.unit-" in dirpath:  # a killed unit's own directory: never part of the store
+            continue
         for name in names:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, cache)
@@ -298,7 +310,9 @@ def test_a_preparation_killed_midway_is_never_read_as_complete_and_a_rerun_finis
     (text_dir,) = (tmp_path / "cache" / "text").iterdir()
     assert not (text_dir / "manifest.json").exists()
     assert sorted(os.listdir(text_dir / "units")) == ["00000.json", "00001.json"]
-    assert os.path.exists(text_dir / "docs-00002-000.arrayrecord")  # the cut-short unit's file
+    # The cut-short unit wrote only into a directory of its own, never into the store.
+    assert not os.path.exists(text_dir / "docs-00002-000.arrayrecord")
+    assert [p.name.startswith(".unit-00002-") for p in text_dir.iterdir() if p.name.startswith(".unit")] == [True]
     with pytest.raises(ValueError, match="not a complete prepared dataset"):
         store.StoreSource(text_dir, build.DOCS)
 
@@ -402,10 +416,24 @@ def test_a_given_tokenizer_is_used_as_is(tmp_path, own_tokenizers, kind, monkeyp
     assert (inputs == given.eos_id).any()  # documents joined by this tokenizer's EOS
 
 
+def test_a_special_tokens_text_inside_a_document_is_text(own_tokenizers):
+    for tok in (own_tokenizers["hf"], own_tokenizers["sentencepiece"]):
+        ids = tok.encode("a web page that says <|endoftext|> and </s> in its text")
+        assert tok.eos_id not in ids, (tok.kind, ids)
+
+
 def test_tokenizer_problems_are_one_line_errors(tmp_path, own_tokenizers):
     files = [_write(tmp_path / "c.jsonl", _docs(40))]
     no_eos = own_tokenizers["no-eos"].path
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a sentencepiece model")
+    bad_config = tmp_path / "badcfg" / "tokenizer.json"
+    bad_config.parent.mkdir()
+    bad_config.write_bytes(own_tokenizers["hf"].path.read_bytes())
+    (bad_config.parent / "tokenizer_config.json").write_text("{not json")
     for tokenizer, message in [
+        (str(garbage), f"{garbage} is not a SentencePiece model ("),
+        (str(bad_config), f"{bad_config.parent / 'tokenizer_config.json'} is not JSON ("),
         (str(no_eos), f"tokenizer {no_eos} has no EOS token, which mile puts between documents; add one"),
         (
             str(tmp_path / "missing.model"),
@@ -554,6 +582,13 @@ def test_a_run_records_its_tokenizer_evaluates_and_exports_with_it_and_refuses_a
         f"tokenizer has {n} tokens but model.vocab_size=256; raise --config.model.vocab_size to at least {n}"
     )
     assert not (tmp_path / "small").exists()
+
+    # The same file at another path resumes: the fingerprint, not the path, is the run's tokenizer.
+    moved = tmp_path / "moved" / "tokenizer.json"
+    moved.parent.mkdir()
+    shutil.copyfile(hf.path, moved)
+    T.train(tiny_config(tmp_path, **{**overrides, "data.tokenizer": str(moved), "train.steps": 3}), str(wd))
+    assert [r["step"] for r in map(json.loads, open(wd / "metrics.jsonl")) if "train/loss" in r][-1] == 3
 
 
 def test_grain_worker_processes_resume_exactly(tmp_path, many_files):

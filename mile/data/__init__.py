@@ -26,7 +26,7 @@ ArrayRecord stores), ``build`` (units that fill them), ``tfds_corpus`` (TFDS dat
 
 from mile.data.config import DataConfig
 from mile.data.iterators import eval_iterator, train_iterator
-from mile.data.prepared import FINGERPRINT_KEY, PreparedData, check_fingerprint, prepare
+from mile.data.prepared import FINGERPRINT_KEY, Builder, PreparedData, check_fingerprint, check_fits, prepare
 from mile.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "prepare",
     "load_tokenizer",
     "check_fingerprint",
+    "check_fits",
+    "Builder",
     "FINGERPRINT_KEY",
     "train_iterator",
     "eval_iterator",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 
 from mile.data import corpus, store
-from mile.data.tokenizer import Tokenizer, load_tokenizer
+from mile.data.tokenizer import Tokenizer, load_tokenizer, local_tokenizer
 
 DOCS = "docs"  # the one split of a text or token store built from files
 _TOKENIZE_BATCH = 256  # documents per encode_batch call
@@ -38,7 +39,7 @@ def _text_unit(path: str, text_key: str, bad_records: str, directory: pathlib.Pa
     writer = store.ShardWriter(directory, DOCS, index)
     try:
         for doc in corpus.iter_documents(path, text_key, bad_records, counts):
-            writer.write(doc.encode("utf-8"))
+            writer.write(store.encode_record(doc, None))
     finally:
         shards = writer.close()
     return {
@@ -55,7 +56,9 @@ def _text_unit(path: str, text_key: str, bad_records: str, directory: pathlib.Pa
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str) -> Tokenizer:
-    return load_tokenizer(path)  # once per worker process
+    """Loaded once per worker process; a gs:// one is copied to this machine first."""
+    local_cache = pathlib.Path(tempfile.gettempdir()) / "mile-cache"
+    return load_tokenizer(local_tokenizer(path, local_cache))
 
 
 def _write_ids(writer: store.ShardWriter, tokenizer: Tokenizer, docs: Sequence, dtype: np.dtype) -> int:
@@ -70,7 +73,7 @@ def _write_ids(writer: store.ShardWriter, tokenizer: Tokenizer, docs: Sequence, 
             raise ValueError(
                 f"token id {ids.max()} does not fit {dtype}; this is a bug in choosing the dtype."
             )
-        writer.write(ids.astype(dtype).tobytes())
+        writer.write(store.encode_record(ids, dtype))
         tokens += ids.size
     return tokens
 
@@ -109,7 +112,7 @@ def token_units_from_source(
     splits: dict[str, int],
     tokenizer_path: str,
     dtype: np.dtype,
-    docs_per_unit: int = 20_000,
+    docs_per_unit: int = 500_000,
 ) -> list[store.Unit]:
     """Units over index ranges of random-access splits (``{name: length}``), e.g. a TFDS dataset:
     the token store has the same splits, in the same order. ``open_split`` must be picklable."""

@@ -23,7 +23,7 @@ import os
 import pathlib
 import sys
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mile import paths
 from mile.data import build, corpus, sources, store, synthetic, tfds_corpus
@@ -96,11 +96,16 @@ class Builder:
 
 
 def prepare(
-    data_cfg: DataConfig | Any, cache_dir: str | os.PathLike | None = None, *, builder: Builder | None = None
+    data_cfg: DataConfig | Any,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    builder: Builder | None = None,
+    check: Callable[[Tokenizer], None] | None = None,
 ) -> PreparedData:
     """Reads or fetches the corpus, builds its store, gets the tokenizer and (pretokenize) the token
     store, each once. ``builder`` says who builds the stores (``python -m mile.prepare`` sets it;
-    default: this process).
+    default: this process). ``check(tokenizer)`` runs as soon as the tokenizer is known, before
+    any token store is built (the trainer refuses a tokenizer too large for its model there).
 
     ``data_cfg``: a DataConfig, or the ``data`` ConfigDict/dict it is read from. On several hosts
     sharing a filesystem, run it on process 0 first (then a barrier), so the hosts do not build
@@ -115,9 +120,15 @@ def prepare(
         tokenizer, token_dir = synthetic.prepare(cfg, pathlib.Path(cache_dir))
         key = f"synthetic:{token_dir.parent.name}"
         return _held_out(tokenizer, token_dir, cfg.validation_every, key, cache_dir, True)
+    if paths.is_remote(cache_dir) and cfg.tokenizer == "train":
+        raise ValueError(
+            f"data.cache_dir={cache_dir} is on remote storage, where a tokenizer cannot be trained "
+            "(ArrayRecord reads local files only); pass data.tokenizer=<a .model or tokenizer.json>."
+        )
+    check = check or (lambda tokenizer: None)
     if cfg.source == "tfds":
-        return _prepare_tfds(cfg, cache_dir, builder)
-    return _prepare_files(cfg, cache_dir, builder)
+        return _prepare_tfds(cfg, cache_dir, builder, check)
+    return _prepare_files(cfg, cache_dir, builder, check)
 
 
 def _local_cache(cache_dir: str) -> pathlib.Path:
@@ -152,10 +163,10 @@ def corpus_files(cfg: DataConfig, cache_dir: str) -> tuple[list[str], str]:
     return sources.expand(cfg.text_files), cfg.text_key
 
 
-def _prepare_files(cfg: DataConfig, cache_dir: str, builder: Builder) -> PreparedData:
+def _prepare_files(cfg: DataConfig, cache_dir: str, builder: Builder, check) -> PreparedData:
     """source "kjv" or "text": corpus files -> text store -> tokenizer -> (token store)."""
     files, text_key = corpus_files(cfg, cache_dir)
-    key = _digest([_TEXT_VERSION, [(f, paths.version(f)) for f in files], text_key, cfg.bad_records])
+    key = _digest([_TEXT_VERSION, list(zip(files, paths.versions(files))), text_key, cfg.bad_records])
     text_dir = paths.join(cache_dir, "text", key)
     fresh = not store.is_complete(text_dir)
     manifest = builder.build(
@@ -183,13 +194,14 @@ def _prepare_files(cfg: DataConfig, cache_dir: str, builder: Builder) -> Prepare
     tokenizer = _tokenizer(
         cfg, cache_dir, lambda: text.open("train"), f"{key}|{cfg.validation_every}|{cfg.tokenizer_max_docs}"
     )
+    check(tokenizer)
     if not cfg.pretokenize:
         return dataclasses.replace(text, tokenizer=tokenizer)
     dtype = store.token_dtype(tokenizer.vocab_size)
     token_dir = paths.join(cache_dir, "tokens", f"{key}-{tokenizer.fingerprint}")
     builder.build(
         token_dir,
-        build.token_units_from_store(text_dir, str(tokenizer.path), dtype),
+        build.token_units_from_store(text_dir, _for_workers(cfg, tokenizer), dtype),
         kind="tokens",
         dtype=dtype,
         meta={"text_store": text_dir, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
@@ -227,11 +239,17 @@ def _tokenizer(cfg: DataConfig, cache_dir: str, train_docs, sample_key: str) -> 
     )
 
 
+def _for_workers(cfg: DataConfig, tokenizer: Tokenizer) -> str:
+    """The tokenizer as units elsewhere (Beam workers) can load it: the configured path, local or
+    gs://, or the trained file (a trained tokenizer is local: its store is, too)."""
+    return cfg.tokenizer if cfg.tokenizer != "train" else str(tokenizer.path)
+
+
 def _open_tfds_split(name: str, data_dir: str | None, text_key: str, split: str):
     return tfds_corpus.open_source(name, data_dir, split, text_key)
 
 
-def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder) -> PreparedData:
+def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder, check) -> PreparedData:
     """source "tfds": an already-built ArrayRecord dataset, a tokenizer, and (pretokenize) its ids."""
     name, data_dir, text_key = cfg.tfds_name, cfg.tfds_data_dir, cfg.text_key
     opener = functools.partial(_open_tfds_split, name, data_dir, text_key)
@@ -239,6 +257,7 @@ def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder) -> Prepared
     eval_source = opener(cfg.eval_split)  # fail now, not at first eval
     key = f"{name}|{data_dir}|{cfg.train_split}|{text_key}|{len(train_source)}"
     tokenizer = _tokenizer(cfg, cache_dir, lambda: train_source, f"{key}|{cfg.tokenizer_max_docs}")
+    check(tokenizer)
     key = f"{key}|{cfg.eval_split}"
     splits = {"train": cfg.train_split, "eval": cfg.eval_split}
     if not cfg.pretokenize:
@@ -250,7 +269,7 @@ def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder) -> Prepared
     lengths = {cfg.train_split: len(train_source), cfg.eval_split: len(eval_source)}
     builder.build(
         token_dir,
-        build.token_units_from_source(opener, lengths, str(tokenizer.path), dtype),
+        build.token_units_from_source(opener, lengths, _for_workers(cfg, tokenizer), dtype),
         kind="tokens",
         dtype=dtype,
         meta={"tfds": key, "tokenizer": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
@@ -263,16 +282,27 @@ def _prepare_tfds(cfg: DataConfig, cache_dir: str, builder: Builder) -> Prepared
 FINGERPRINT_KEY = "tokenizer_fingerprint"
 
 
-def check_fingerprint(prepared: PreparedData, saved_config: dict, what: str) -> None:
+def check_fingerprint(tokenizer: Tokenizer, saved_config: dict, what: str) -> None:
     """ValueError unless the tokenizer is the one recorded in a run's saved config (configs saved
     before fingerprints were recorded accept any)."""
     expected = saved_config.get(FINGERPRINT_KEY)
-    got = prepared.tokenizer.fingerprint
+    got = tokenizer.fingerprint
     if expected is not None and expected != got:
         name = (saved_config.get("data") or {}).get("tokenizer", "train")
         raise ValueError(
             f"{what} was trained with tokenizer {expected}, but data.tokenizer={name!r} gives {got} "
-            f"({prepared.tokenizer.path}); use the tokenizer the run was trained with, or a new --workdir"
+            f"({tokenizer.path}); use the tokenizer the run was trained with, or a new --workdir"
+        )
+
+
+def check_fits(tokenizer: Tokenizer, model_cfg: Any, data_cfg: Any) -> None:
+    """ValueError unless every id of the tokenizer has a row in the model's embedding."""
+    size, model_size = tokenizer.vocab_size, model_cfg.vocab_size
+    if size > model_size:
+        lower = " or lower --config.data.vocab_size" if data_cfg.get("tokenizer", "train") == "train" else ""
+        raise ValueError(
+            f"tokenizer has {size} tokens but model.vocab_size={model_size}; "
+            f"raise --config.model.vocab_size to at least {size}{lower}"
         )
 
 

@@ -19,6 +19,8 @@ import dataclasses
 import gzip
 import io
 import json
+import os
+import sys
 import zlib
 from typing import IO, Callable, Iterator
 
@@ -103,7 +105,20 @@ def read_jsonl(name: str, raw: IO[bytes], text_key: str) -> Iterator[Record]:
         if not isinstance(text, str):
             yield Malformed(f"{name}:{lineno}", f"field {text_key!r} is {type(text).__name__}, not a string")
             continue
+        if "\\u" in line and not _is_unicode(text):  # only a \u escape can make a lone surrogate
+            yield Malformed(
+                f"{name}:{lineno}", f"field {text_key!r} holds a lone surrogate (not Unicode text)"
+            )
+            continue
         yield text if text.strip() else EMPTY
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_parquet(name: str, raw: IO[bytes], text_key: str) -> Iterator[Record]:
@@ -136,37 +151,42 @@ def _gunzip(raw: IO[bytes]) -> IO[bytes]:
 
 class _ZstdReader(io.RawIOBase):
     """A .zst stream of one or more frames, decompressed as it is read. zstandard's own stream
-    reader ends quietly at a truncated frame; this raises EOFError there instead."""
+    reader ends quietly at a truncated frame; this raises EOFError there instead. Input is fed
+    64 KiB at a time, so what waits to be read stays bounded by that times the compression ratio."""
+
+    _INPUT = 1 << 16
 
     def __init__(self, raw: IO[bytes]):
         import zstandard  # only .zst needs it
 
         self._raw, self._zstd = raw, zstandard
         self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
+        self._pending, self._offset = b"", 0  # decompressed bytes, and how many were read
         self._in_frame = False  # bytes of the current frame were read and it has not ended
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
-            chunk = self._raw.read(1 << 20)
+        while self._offset == len(self._pending):
+            chunk = self._raw.read(self._INPUT)
             if not chunk:
                 if self._in_frame:
                     raise EOFError("compressed data ended before the end of a zstd frame")
                 return 0
+            out = []
             while chunk:
                 self._in_frame = True
-                self._pending += self._frame.decompress(chunk)
+                out.append(self._frame.decompress(chunk))
                 chunk = b""
                 if self._frame.eof:  # a frame ended; what follows starts the next one
                     chunk = self._frame.unused_data
                     self._frame = self._zstd.ZstdDecompressor().decompressobj()
                     self._in_frame = False
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            self._pending, self._offset = b"".join(out), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
         return n
 
 
@@ -217,27 +237,45 @@ def _is_damaged_stream(e: Exception) -> bool:
     return isinstance(e, (EOFError, OSError, zlib.error)) or type(e).__name__ == "ZstdError"
 
 
-def expand(patterns: tuple[str, ...] | list[str]) -> list[str]:
+def expand(patterns: tuple[str, ...] | list[str], report=None) -> list[str]:
     """Files named by ``patterns``, each a file, a directory (every supported file under it) or a
-    glob (``*``, ``?``, ``[...]``, ``**``); sorted within each pattern, in pattern order, each once."""
+    glob (``*``, ``?``, ``[...]``, ``**``); sorted within each pattern, in pattern order, each once.
+    Files a directory or glob holds in other formats are not read: ``report`` (default: stderr)
+    gets one line naming how many and the first few."""
     out: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
-        found = _expand_one(str(pattern))
+        found, skipped = _expand_one(str(pattern))
+        if skipped:
+            names = ", ".join(os.path.basename(f) for f in skipped[:3])
+            line = (
+                f"data.text_files entry {pattern!r}: {len(skipped)} file(s) not in a supported format "
+                f"are not read ({names}{', ...' if len(skipped) > 3 else ''})"
+            )
+            (report or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
         if not found:
             raise ValueError(
                 f"data.text_files entry {pattern!r} matches no {'/'.join(FORMATS)} file; check the path or glob."
             )
-        out.extend(f for f in found if f not in out)
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
     return out
 
 
-def _expand_one(pattern: str) -> list[str]:
+def _expand_one(pattern: str) -> tuple[list[str], list[str]]:
+    """(the supported files a pattern names, the other files it matched)."""
     if any(c in pattern for c in "*?["):
-        return [m for m in paths.glob(pattern) if format_of(m) and paths.isfile(m)]
-    if paths.isdir(pattern):
-        return [m for m in paths.files_under(pattern) if format_of(m)]
-    if format_of(pattern) is None:
-        raise ValueError(f"corpus file {pattern} has an unsupported name; use one of {', '.join(FORMATS)}.")
-    if not paths.isfile(pattern):
-        raise ValueError(f"corpus file {pattern} does not exist; check data.text_files.")
-    return [paths.join(pattern)]
+        matched = [m for m in paths.glob(pattern) if paths.isfile(m)]
+    elif paths.isdir(pattern):
+        matched = paths.files_under(pattern)
+    else:
+        if format_of(pattern) is None:
+            raise ValueError(
+                f"corpus file {pattern} has an unsupported name; use one of {', '.join(FORMATS)}."
+            )
+        if not paths.isfile(pattern):
+            raise ValueError(f"corpus file {pattern} does not exist; check data.text_files.")
+        return [paths.join(pattern)], []
+    return [m for m in matched if format_of(m)], [m for m in matched if not format_of(m)]

@@ -40,8 +40,9 @@ from mile import paths
 FORMAT = 1
 MANIFEST = "manifest.json"
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-# A unit starts a new file after this many bytes, so one huge input still gives many shards.
-SHARD_BYTES = 256 << 20
+# A unit starts a new file after this many bytes, so one huge input still gives several shards
+# (and a corpus of hundreds of GB some hundreds of files, not thousands: readers keep each open).
+SHARD_BYTES = 1 << 30
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -117,15 +118,21 @@ def _unit_path(directory: str, index: int) -> str:
 
 
 def _run_unit(directory: str, unit: Unit) -> dict:
-    """Runs one unit; its ``units/`` entry is written after its shards. A remote store (gs://) is
-    written through a local directory: ArrayRecord writes only to a filesystem."""
+    """Runs one unit in a directory of its own, then publishes its files into the store, each one
+    whole (a rename locally, one upload per object on gs://: ArrayRecord writes only to a
+    filesystem), then its ``units/`` entry. Two builds of the same store at once (two runs sharing
+    a cache) then never write into each other's files."""
     started = time.perf_counter()
-    if paths.is_remote(directory):
-        with tempfile.TemporaryDirectory(prefix="mile-unit-") as local:
-            summary = dict(unit.run(pathlib.Path(local), unit.index))
-            paths.upload_tree(local, directory)
-    else:
-        summary = dict(unit.run(pathlib.Path(directory), unit.index))
+    remote = paths.is_remote(directory)
+    with tempfile.TemporaryDirectory(
+        prefix=f".unit-{unit.index:05d}-", dir=None if remote else directory
+    ) as own:
+        summary = dict(unit.run(pathlib.Path(own), unit.index))
+        if remote:
+            paths.upload_tree(own, directory)
+        else:
+            for name in os.listdir(own):
+                os.replace(os.path.join(own, name), os.path.join(directory, name))
     summary["seconds"] = round(time.perf_counter() - started, 3)
     paths.write_text(_unit_path(directory, unit.index), json.dumps(summary))
     return summary
@@ -225,8 +232,7 @@ def _map_units(directory: str, units: Sequence[Unit], workers: int) -> Iterator[
             for future in concurrent.futures.as_completed(pending):
                 yield future.result()
         except BaseException:
-            for future in pending:
-                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)  # the error now, not after every unit
             raise
 
 

@@ -92,9 +92,7 @@ class SyntheticSpec:
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "validation_every"}
         unknown = sorted(set(syn) - fields)
         if unknown:
-            raise ValueError(
-                f"unknown data.synthetic keys {unknown}; the generator takes {sorted(fields)}."
-            )
+            raise ValueError(f"unknown data.synthetic keys {unknown}; the generator takes {sorted(fields)}.")
         kwargs = {k: syn[k] for k in fields if syn.get(k) is not None}
         if "kind_shares" in kwargs:
             shares = kwargs["kind_shares"]
@@ -173,7 +171,9 @@ def build_language(spec: SyntheticSpec) -> Language:
     kind_of_rank = np.concatenate([rng.permutation(pattern) for _ in range(-(-n // _BLOCK))])[:n]
     not_deterministic = np.flatnonzero(kind_of_rank != 0)
     if not_deterministic.size == 0:
-        raise ValueError("data.synthetic.kind_shares gives every context one continuation; give multi-label or flat a share.")
+        raise ValueError(
+            "data.synthetic.kind_shares gives every context one continuation; give multi-label or flat a share."
+        )
 
     body = np.zeros((n, n))  # next-type distribution of each context type, before EOS
     # Continuations are drawn by a flattened pi, so that rare types follow deterministic and
@@ -389,5 +389,5 @@ def _write_documents(docs: Sequence[Sequence[int]], dtype, directory: pathlib.Pa
 
     writer = store.ShardWriter(directory, build.DOCS, index)
     for doc in docs:
-        writer.write(np.asarray(doc).astype(dtype).tobytes())
+        writer.write(store.encode_record(doc, dtype))
     return {"unit": index, "shards": {build.DOCS: writer.close()}, "counts": {"documents": len(docs)}}

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
+
 class _TextSource:
     """Random-access documents: wraps a TFDS data source and returns the text feature as ``str``."""
 

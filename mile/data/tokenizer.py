@@ -82,7 +82,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
-        self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:  # e.g. LLaMA-3's tokenizer.model, which is tiktoken's format
+            raise ValueError(
+                f"{self.path} is not a SentencePiece model ({str(e).strip().splitlines()[0]}); pass a "
+                "SentencePiece .model or a Hugging Face tokenizer.json."
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -119,8 +125,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 # Special tokens taken as EOS (and BOS / pad) when no tokenizer_config.json beside a tokenizer.json
 # names them, in this order.
-_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[CLS]")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
@@ -144,6 +150,9 @@ class HFTokenizer(Tokenizer):
                 f"{self.path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]}); "
                 "pass a tokenizer.json saved by the tokenizers library or a SentencePiece .model."
             ) from None
+        # A special token's text inside a document ("<|endoftext|>" in a web page) is text, as in
+        # SentencePiece: it must not become a document boundary.
+        self.processor.encode_special_tokens = True
         named = self._configured_specials()
         self.eos_id = self._special(named.get("eos_token"), _EOS_NAMES)
         self.bos_id = self._special(named.get("bos_token"), _BOS_NAMES)
@@ -154,7 +163,12 @@ class HFTokenizer(Tokenizer):
         config = self.path.parent / "tokenizer_config.json"
         if not config.is_file():
             return {}
-        named = json.loads(config.read_text(encoding="utf-8"))
+        try:
+            named = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not JSON ({e}); fix it or remove it.") from None
+        if not isinstance(named, dict):
+            raise ValueError(f"{config} is not a JSON object; fix it or remove it.")
         out = {}
         for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
             value = named.get(key)
@@ -190,6 +204,13 @@ class HFTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.processor.id_to_token(int(i))
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        # The EOS (and the others) may come from a tokenizer_config.json beside the file: a change
+        # there changes the ids training sees, so it changes the fingerprint too.
+        specials = f"eos={self.eos_id},bos={self.bos_id},pad={self.pad_id},unk={self.unk_id}"
+        return hashlib.sha256(f"{file_fingerprint(self.path)}|{specials}".encode()).hexdigest()[:16]
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from its local file: ``*.model`` (SentencePiece) or ``*.json`` (Hugging Face)."""
@@ -211,7 +232,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def local_tokenizer(path: str, cache_dir: str | os.PathLike) -> pathlib.Path:
     """``path`` itself when local; a gs:// tokenizer (and a tokenizer_config.json beside it) is
-    copied once into ``<cache_dir>/tokenizers/remote-<hash of the URL>/``."""
+    copied into ``<cache_dir>/tokenizers/remote-<hash of the URL>/`` (again at every call, so the
+    copy follows the bucket)."""
     if not paths.is_remote(path):
         return pathlib.Path(path)
     if not paths.isfile(path):
@@ -222,9 +244,12 @@ def local_tokenizer(path: str, cache_dir: str | os.PathLike) -> pathlib.Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = paths.path(path).name
     sibling = paths.join(str(paths.path(path).parent), "tokenizer_config.json")
+    copied_config = out_dir / "tokenizer_config.json"
     if name.endswith(".json") and paths.isfile(sibling):
-        with paths.replacing(out_dir / "tokenizer_config.json") as tmp:
+        with paths.replacing(copied_config) as tmp:
             tmp.write_bytes(paths.read_bytes(sibling))
+    elif copied_config.exists():  # the bucket's copy was removed since: so is ours
+        copied_config.unlink()
     with paths.replacing(out_dir / name) as tmp:  # last: a present copy is complete
         tmp.write_bytes(paths.read_bytes(path))
     return out_dir / name

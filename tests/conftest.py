@@ -20,3 +20,24 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+# The longest files first: with two xdist workers taking a file at a time, the suite then ends
+# with short files on both workers instead of one long file on one of them.
+_LONGEST_FIRST = (
+    "test_multiprocess.py",
+    "test_train.py",
+    "test_prepare.py",
+    "test_preemption.py",
+    "test_gcs.py",
+    "test_evaluate.py",
+    "test_aot.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mile.attention import IMPLEMENTATIONS, causal_attention, xla_attention
+from mile.dense import dense
 from mile.flops import param_counts
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -184,14 +185,14 @@ class Attention(nnx.Module):
         kernels take only the square causal mask, not T queries at per-row offsets into M slots.
         """
         dt = self.dtype
-        q, k, v = (jnp.einsum("bsd,dhk->bshk", x, w[...].astype(dt)) for w in (self.q, self.k, self.v))
+        q, k, v = (dense(x, w[...].astype(dt)) for w in (self.q, self.k, self.v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, self.implementation)
         else:
             cache = cache.write(k, v)
             out = xla_attention(q, cache.k.astype(dt), cache.v.astype(dt), mask=cache.visible)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt)), cache
+        return dense(out, self.o[...].astype(dt), contract=2), cache
 
 
 class SwiGLU(nnx.Module):
@@ -205,8 +206,8 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return hidden @ self.down[...].astype(dt)
+        hidden = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
+        return dense(hidden, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):

@@ -13,6 +13,10 @@ Without a cluster manager, tell each process where the others are (README: Multi
 
 import sys
 
+from mile import xla_cpu_flags
+
+xla_cpu_flags.set_default_flags()  # before JAX starts (mile/xla_cpu_flags.py says why)
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

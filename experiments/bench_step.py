@@ -27,10 +27,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-VARIANTS = (("mile", "mile"), ("mile", "ce"), ("torch", "mile"), ("torch", "ce"))
+# "mile" runs with the XLA:CPU flags launch.py sets (mile/xla_cpu_flags.py), "mile-jax-flags"
+# with jax's own defaults, so the flags' effect is measured side by side in every run.
+VARIANTS = (("mile", "mile"), ("mile", "ce"), ("mile-jax-flags", "mile"), ("torch", "mile"), ("torch", "ce"))
 LABELS = {
     ("mile", "mile"): "mile, MiLe (fused head)",
     ("mile", "ce"): "mile, CE (fused head)",
+    ("mile-jax-flags", "mile"): "mile, MiLe, jax's default XLA:CPU flags",
     ("torch", "mile"): "reference stack, MiLe",
     ("torch", "ce"): "reference stack, CE",
 }
@@ -63,8 +66,9 @@ def _random_batch(cfg, seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def mile_step(cfg, loss: str):
-    """(jitted train step, state, batch): the loop's own step on a random token batch."""
+def _mile_setup(cfg, loss: str) -> dict:
+    """The pieces of mile's step on a random token batch: graphdef, state, spec, mesh, batch and
+    the jitted train step the loop runs."""
     import jax
     import numpy as np
 
@@ -85,7 +89,13 @@ def mile_step(cfg, loss: str):
         {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs, dtype=bool)},
         msharding.batch_sharding(mesh),
     )
-    return step_fn, state, batch
+    return {"graphdef": graphdef, "state": state, "spec": spec, "mesh": mesh, "batch": batch, "step": step_fn}
+
+
+def mile_step(cfg, loss: str):
+    """(jitted train step, state, batch): the loop's own step on a random token batch."""
+    s = _mile_setup(cfg, loss)
+    return s["step"], s["state"], s["batch"]
 
 
 def time_mile(cfg, loss: str, warmup: int, steps: int) -> list[float]:
@@ -116,10 +126,11 @@ def reference_mile_loss(logits, labels, gamma: float, sigma: float):
     return (alpha * weight.reshape(-1) * nll).mean()
 
 
-def time_torch(cfg, loss: str, warmup: int, steps: int, device: str = "cpu", microbatches: int = 1) -> list[float]:
-    """Seconds per step of the reference stack. On "cuda" the forward runs under bf16 autocast (the
-    reference trains in bf16); `microbatches` > 1 accumulates gradients over that many slices of
-    the batch, each with its own MiLe normaliser, as the reference code's accumulation does."""
+def _torch_stack(cfg, loss: str, device: str = "cpu", microbatches: int = 1) -> dict:
+    """The reference stack's model, optimiser, batch, loss and step. On "cuda" the forward runs
+    under bf16 autocast (the reference trains in bf16); `microbatches` > 1 accumulates gradients
+    over that many slices of the batch, each with its own MiLe normaliser, as the reference code's
+    accumulation does."""
     import contextlib
 
     import torch
@@ -151,22 +162,50 @@ def time_torch(cfg, loss: str, warmup: int, steps: int, device: str = "cpu", mic
     inputs, targets = (torch.from_numpy(a).long().to(device) for a in _random_batch(cfg))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss_of(logits, y):
+        if loss == "mile":
+            return reference_mile_loss(logits, y, cfg.loss.gamma, cfg.loss.sigma)
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def forward_backward():
         total = 0.0
         for x, y in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
             with autocast:
                 logits = model(input_ids=x).logits
-            if loss == "mile":
-                value = reference_mile_loss(logits, y, cfg.loss.gamma, cfg.loss.sigma)
-            else:
-                value = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            value = loss_of(logits, y)
             (value / microbatches).backward()
             total += value.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
-        opt.step()
         return total
 
+    def update():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        opt.step()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        total = forward_backward()
+        update()
+        return total
+
+    return {
+        "model": model,
+        "inputs": inputs,
+        "targets": targets,
+        "loss_of": loss_of,
+        "forward_backward": forward_backward,
+        "update": update,
+        "step": step,
+        "zero_grad": lambda: opt.zero_grad(set_to_none=True),
+    }
+
+
+def time_torch(
+    cfg, loss: str, warmup: int, steps: int, device: str = "cpu", microbatches: int = 1
+) -> list[float]:
+    """Seconds per step of the reference stack (see `_torch_stack`)."""
+    import torch
+
+    step = _torch_stack(cfg, loss, device, microbatches)["step"]
     times = []
     for i in range(warmup + steps):
         t0 = _clock()
@@ -176,6 +215,142 @@ def time_torch(cfg, loss: str, warmup: int, steps: int, device: str = "cpu", mic
         if i >= warmup:
             times.append(_clock() - t0)
     return times
+
+
+# The parts of a step, timed alone in each stack (same inputs, same shapes): what the step's time
+# is made of, so a gap between the stacks is attributed by measurement rather than by profile shares.
+PARTS = (
+    "whole step",
+    "forward + backward",
+    "forward only",
+    "LM head + loss, forward + backward",
+    "optimiser update",
+)
+
+
+def _median_time(run, warmup: int, steps: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        t0 = _clock()
+        run()
+        if i >= warmup:
+            times.append(_clock() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def mile_parts(cfg, loss: str, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds of each part of mile's step, each jitted on its own."""
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from mile import sharding as msharding
+    from mile import step as mstep
+    from mile.fused import fused_loss_terms
+    from mile.state import learning_rate_schedule
+
+    s = _mile_setup(cfg, loss)
+    graphdef, spec, mesh, batch = s["graphdef"], s["spec"], s["mesh"], s["batch"]
+    chunk = cfg.loss.chunk_size or None
+    terms_of = functools.partial(mstep.batch_loss_terms, spec=spec, mesh=mesh, chunk_size=chunk)
+
+    @jax.jit
+    def forward(state, batch):
+        return terms_of(nnx.merge(graphdef, state)[0], batch)["numerator"]
+
+    @jax.jit
+    def forward_backward(state, batch):
+        grad_fn, params = mstep.numerator_grad_fn(nnx.merge(graphdef, state)[0], terms_of)
+        (_, terms), grads = grad_fn(params, batch)
+        return grads, terms
+
+    @jax.jit
+    def head_and_loss(hidden, unembedding):
+        def numerator(h, w):
+            return fused_loss_terms(
+                spec,
+                h,
+                w,
+                batch["targets"],
+                batch["mask"],
+                chunk_size=chunk,
+                batch_axes=msharding.BATCH_AXES,
+                mesh=mesh,
+            )["numerator"]
+
+        return jax.value_and_grad(numerator, argnums=(0, 1))(hidden, unembedding)
+
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def update(state, grads, terms):
+        model, optimizer = nnx.merge(graphdef, state)
+        return mstep.apply_gradients(model, optimizer, grads, terms, schedule)
+
+    state = s["state"]
+    grads, terms = forward_backward(state, batch)
+    model = nnx.merge(graphdef, state)[0]
+    b, t, d = *batch["inputs"].shape, cfg.model.embed_dim
+    hidden = jax.random.normal(jax.random.key(0), (b, t, d), model.unembedding().dtype)
+    unembedding = model.unembedding().copy()  # its own buffer: the step donates the state
+    holder = {"state": state}
+
+    def run_update():
+        holder["state"], _ = update(holder["state"], grads, terms)
+        jax.block_until_ready(holder["state"])
+
+    def run_step():
+        holder["state"], metrics = s["step"](holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    del model, state
+    return {
+        "whole step": _median_time(run_step, warmup, steps),
+        "forward + backward": _median_time(
+            lambda: jax.block_until_ready(forward_backward(holder["state"], batch)), warmup, steps
+        ),
+        "forward only": _median_time(
+            lambda: jax.block_until_ready(forward(holder["state"], batch)), warmup, steps
+        ),
+        "LM head + loss, forward + backward": _median_time(
+            lambda: jax.block_until_ready(head_and_loss(hidden, unembedding)), warmup, steps
+        ),
+        "optimiser update": _median_time(run_update, warmup, steps),
+    }
+
+
+def torch_parts(cfg, loss: str, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds of each part of the reference stack's step on CPU."""
+    import torch
+
+    t = _torch_stack(cfg, loss)
+    model, inputs, targets = t["model"], t["inputs"], t["targets"]
+
+    def forward_backward():
+        t["zero_grad"]()
+        t["forward_backward"]()
+
+    def forward():
+        with torch.no_grad():
+            t["loss_of"](model(input_ids=inputs).logits, targets).item()
+
+    torch.manual_seed(1)
+    hidden = torch.randn(*inputs.shape, cfg.model.embed_dim, requires_grad=True)
+    weight = model.lm_head.weight.detach().clone().requires_grad_(True)
+
+    def head_and_loss():
+        hidden.grad = weight.grad = None
+        t["loss_of"](torch.nn.functional.linear(hidden, weight), targets).backward()
+
+    forward_backward()  # the update needs gradients to apply
+    return {
+        "whole step": _median_time(t["step"], warmup, steps),
+        "forward + backward": _median_time(forward_backward, warmup, steps),
+        "forward only": _median_time(forward, warmup, steps),
+        "LM head + loss, forward + backward": _median_time(head_and_loss, warmup, steps),
+        "optimiser update": _median_time(t["update"], warmup, steps),
+    }
 
 
 GEMM_FORMS = ("X W", "dY W^T", "X^T dY")  # forward, input gradient, weight gradient
@@ -193,6 +368,23 @@ def gemm_shapes(cfg) -> list[tuple[int, int, int]]:
     ]
 
 
+def attention_gemms(cfg) -> dict[str, tuple]:
+    """The attention's batched matmuls ([batch x heads] small products): name -> (a shape, b
+    shape, contraction, FLOPs)."""
+    m, d = cfg.model, cfg.data
+    n, s, hd = d.global_batch_size * m.num_heads, d.seq_len, m.head_dim
+    flops = 2 * n * s * s * hd
+    return {
+        f"{n}x [{s}x{hd}] @ [{hd}x{s}] attention Q K^T": (
+            (n, s, hd),
+            (n, s, hd),
+            lambda a, b: a @ b.swapaxes(-1, -2),
+            flops,
+        ),
+        f"{n}x [{s}x{s}] @ [{s}x{hd}] attention P V": ((n, s, s), (n, s, hd), lambda a, b: a @ b, flops),
+    }
+
+
 def _gemm_operands(form: str, t: int, k: int, n: int):
     """Stored operand shapes of one form of the step's matmul X [t, k] @ W [k, n], and the
     contraction, written with transposed views as autodiff writes them (no copy asked for)."""
@@ -208,65 +400,68 @@ def time_gemms(cfg, stack: str, repeats: int = 10) -> dict[str, float]:
     import numpy as np
 
     rng = np.random.default_rng(0)
+    cases = {
+        f"{t}x{k}x{n} {form}": (*_gemm_operands(form, t, k, n), 2 * t * k * n)
+        for t, k, n in gemm_shapes(cfg)
+        for form in GEMM_FORMS
+    }
     out = {}
-    for t, k, n in gemm_shapes(cfg):
-        for form in GEMM_FORMS:
-            a_shape, b_shape, contract = _gemm_operands(form, t, k, n)
-            a = rng.standard_normal(a_shape, dtype=np.float32)
-            b = rng.standard_normal(b_shape, dtype=np.float32)
-            if stack == "torch":
-                import torch
+    for name, (a_shape, b_shape, contract, flops) in {**cases, **attention_gemms(cfg)}.items():
+        a = rng.standard_normal(a_shape, dtype=np.float32)
+        b = rng.standard_normal(b_shape, dtype=np.float32)
+        if stack == "torch":
+            import torch
 
-                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-                run = lambda: contract(ta, tb)  # noqa: E731
-            else:
-                import jax
-                import jax.numpy as jnp
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            run = lambda: contract(ta, tb)  # noqa: E731
+        else:
+            import jax
+            import jax.numpy as jnp
 
-                f = jax.jit(contract)
-                ja, jb = jnp.asarray(a), jnp.asarray(b)
-                run = lambda: jax.block_until_ready(f(ja, jb))  # noqa: E731
+            f = jax.jit(contract)
+            ja, jb = jnp.asarray(a), jnp.asarray(b)
+            run = lambda: jax.block_until_ready(f(ja, jb))  # noqa: E731
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
             run()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            out[f"{t}x{k}x{n} {form}"] = 2 * t * k * n / sorted(times)[repeats // 2] / 1e9
+            times.append(time.perf_counter() - t0)
+        out[name] = flops / sorted(times)[repeats // 2] / 1e9
     return out
 
 
 def worker(args) -> None:
-    if args.gemms:
-        if args.stack == "torch":
-            import torch
-
-            torch.set_num_threads(args.threads)
-        print(json.dumps(time_gemms(_shape_config(args.set), args.stack)))
-        return
+    cfg = _shape_config(args.set)
     if args.stack == "torch":
         import torch
 
         torch.set_num_threads(args.threads)
-        fn = time_torch
+    mile_stack = args.stack != "torch"
+    if args.parts:
+        fn = mile_parts if mile_stack else torch_parts
+        print(json.dumps(fn(cfg, args.loss, args.warmup, args.steps)))
+    elif args.gemms:
+        print(json.dumps(time_gemms(cfg, "mile" if mile_stack else "torch")))
     else:
-        fn = time_mile
-    cfg = _shape_config(args.set)
-    times = fn(cfg, args.loss, args.warmup, args.steps)
-    times.sort()
-    median = times[len(times) // 2]
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    print(json.dumps({"median_s": median, "tokens": tokens}))
+        times = sorted((time_mile if mile_stack else time_torch)(cfg, args.loss, args.warmup, args.steps))
+        tokens = cfg.data.global_batch_size * cfg.data.seq_len
+        print(json.dumps({"median_s": times[len(times) // 2], "tokens": tokens}))
 
 
-def _run_worker(stack: str, loss: str, args, gemms: bool = False) -> dict:
+def _run_worker(stack: str, loss: str, args, gemms: bool = False, parts: bool = False) -> dict:
+    from mile import xla_cpu_flags
+
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--loss", loss]
     cmd += ["--gemms"] if gemms else []
+    cmd += ["--parts"] if parts else []
     cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     for item in args.set:
         cmd += ["--set", item]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a single-process CPU run has
+    # One CPU device, as a single-process CPU run has; "mile" gets the flags launch.py adds.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    if stack == "mile":
+        xla_cpu_flags.set_default_flags(env)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{stack}/{loss} worker failed:\n{out.stderr[-3000:]}")
@@ -280,13 +475,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. model.num_layers=2")
-    p.add_argument("--worker", choices=("mile", "torch"), dest="stack", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker",
+        choices=("mile", "mile-jax-flags", "torch"),
+        dest="stack",
+        default=None,
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--loss", choices=("mile", "ce"), default="mile", help=argparse.SUPPRESS)
     p.add_argument("--gemms", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-gemm-table", action="store_true", help="skip the GEMM table")
+    p.add_argument(
+        "--parts", action="store_true", help="only the table of the step's parts, timed alone in each stack"
+    )
     args = p.parse_args()
     if args.stack:
         worker(args)
+        return
+    if args.parts:
+        parts_table(args)
         return
 
     cfg = _shape_config(args.set)
@@ -323,19 +530,59 @@ def main() -> None:
 
 
 def gemm_table(args) -> None:
-    """The step's GEMMs alone, XLA:CPU (jnp.dot under jit) against torch, each in its own process,
-    interleaved over the rounds: whether matmuls explain a gap between the stacks."""
-    samples = {"mile": [], "torch": []}
+    """The step's GEMMs alone: XLA:CPU (jnp.dot under jit) with mile's flags and with jax's
+    defaults, against torch, each in its own process, interleaved over the rounds: whether the
+    matmuls explain a gap between the stacks."""
+    stacks = ("mile", "mile-jax-flags", "torch")
+    samples = {stack: [] for stack in stacks}
     for _ in range(args.rounds):
-        for stack in samples:
+        for stack in stacks:
             samples[stack].append(_run_worker(stack, "mile", args, gemms=True))
-    keys = list(samples["mile"][0])
-    print(f"\nGEMMs of the step alone, float32 GFLOP/s (median of 10 runs, best of {args.rounds} rounds; torch {args.threads} threads)\n")
-    print("| [tokens x in x out] form | XLA | torch | XLA / torch |")
-    print("|---|---|---|---|")
-    for key in keys:
-        x, t = (max(r[key] for r in samples[s]) for s in ("mile", "torch"))
-        print(f"| {key} | {x:.0f} | {t:.0f} | {x / t:.2f} |")
+    print(
+        f"\nGEMMs of the step alone, float32 GFLOP/s (median of 10 runs, best of {args.rounds} rounds; "
+        f"torch {args.threads} threads)\n"
+    )
+    print(
+        "| [tokens x in x out] form | XLA, mile's flags (Eigen) | XLA, jax's defaults (YNNPACK) | torch | mile / torch |"
+    )
+    print("|---|---|---|---|---|")
+    for key in samples["mile"][0]:
+        mine, jax_default, torch_ = (max(r[key] for r in samples[s]) for s in stacks)
+        print(f"| {key} | {mine:.0f} | {jax_default:.0f} | {torch_:.0f} | {mine / torch_:.2f} |")
+
+
+def parts_table(args) -> None:
+    """Each part of the step timed alone in every variant, interleaved over rounds; the body's
+    share is forward + backward less the head's, what is left of the step is the step less
+    forward + backward and the update."""
+    samples: dict[tuple[str, str], list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in VARIANTS:
+            samples[variant].append(_run_worker(*variant, args, parts=True))
+            print(f"  round {r + 1}: {LABELS[variant]} done", flush=True)
+
+    def ms(variant, part):
+        return 1e3 * min(s[part] for s in samples[variant])  # best round: the least disturbed
+
+    rows = {v: {part: ms(v, part) for part in PARTS} for v in VARIANTS}
+    for r in rows.values():
+        r["body forward + backward (forward + backward less the head)"] = (
+            r["forward + backward"] - r["LM head + loss, forward + backward"]
+        )
+        r["rest of the step (step less forward + backward and update)"] = (
+            r["whole step"] - r["forward + backward"] - r["optimiser update"]
+        )
+    cfg = _shape_config(args.set)
+    print(
+        f"\nParts of the step alone, ms (median of {args.steps} runs, best of {args.rounds} rounds; "
+        f"{cfg.data.global_batch_size * cfg.data.seq_len} tokens; torch {args.threads} threads)\n"
+    )
+    mine, ref = ("mile", "mile"), ("torch", "ce")
+    print("| part | " + " | ".join(LABELS[v] for v in VARIANTS) + " | mile MiLe less reference CE |")
+    print("|---|" + "---|" * (len(VARIANTS) + 1))
+    for part in rows[mine]:
+        cells = " | ".join(f"{rows[v][part]:.0f}" for v in VARIANTS)
+        print(f"| {part} | {cells} | {rows[mine][part] - rows[ref][part]:+.0f} |")
 
 
 if __name__ == "__main__":

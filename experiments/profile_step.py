@@ -27,6 +27,10 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mile import xla_cpu_flags
+
+xla_cpu_flags.set_default_flags()  # profile the step as launch.py runs it
+
 # Trace events that are runtime bookkeeping, or control flow whose time its inner ops already count.
 _NOT_OPS = re.compile(
     r"^\$|ThunkExecutor|Slinky|Execute|PjitFunction|ParseArguments|^end: |^(while|conditional|call)(\.\d+)?$"

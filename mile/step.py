@@ -125,24 +125,36 @@ def make_train_step(
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def numerator(p, microbatch):
-            terms = terms_of(nnx.merge(model_def, p, rest), microbatch)
-            return terms["numerator"], terms
-
-        grad_fn = jax.value_and_grad(numerator, has_aux=True)
+        grad_fn, params = numerator_grad_fn(model, terms_of)
         grads, terms = accumulate_gradients(grad_fn, params, batch, num_microbatches)
-        loss, aux = L.finalize_terms(terms)
-        den = terms["denominator"]
-        grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        learning_rate = schedule(optimizer.step[...])  # before the update moves the step on
-        new_state, finite = update_if_finite(model, optimizer, grads, finite)
-        return new_state, _step_metrics(loss, aux, grad_norm, learning_rate, finite)
+        return apply_gradients(model, optimizer, grads, terms, schedule)
 
     return step
+
+
+def numerator_grad_fn(model, terms_of):
+    """(grad_fn, params) for `accumulate_gradients`: grad_fn(params, batch) -> ((numerator, terms),
+    gradients of the numerator) with the model's other state held fixed."""
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def numerator(p, microbatch):
+        terms = terms_of(nnx.merge(model_def, p, rest), microbatch)
+        return terms["numerator"], terms
+
+    return jax.value_and_grad(numerator, has_aux=True), params
+
+
+def apply_gradients(model, optimizer, grads, terms, schedule: optax.Schedule):
+    """(state, metrics) after one update from summed numerator gradients and loss terms: one
+    division by the exact normaliser, the global norm, and the update kept only if finite."""
+    loss, aux = L.finalize_terms(terms)
+    den = terms["denominator"]
+    grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    learning_rate = schedule(optimizer.step[...])  # before the update moves the step on
+    new_state, finite = update_if_finite(model, optimizer, grads, finite)
+    return new_state, _step_metrics(loss, aux, grad_norm, learning_rate, finite)
 
 
 def vocab_axis_of(cfg, mesh) -> str | None:

@@ -2,9 +2,12 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
+from mile import xla_cpu_flags
+
+# The XLA:CPU flags launch.py adds, so the tests run the programs users run.
+os.environ["XLA_FLAGS"] = xla_cpu_flags.with_default_flags(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache per test process, inherited by the processes it starts

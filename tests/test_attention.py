@@ -57,6 +57,26 @@ def test_attention_matches_float64_and_xla_gradients(name):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("seq", [128, 30])  # 30 does not split into 8 blocks: the whole-matrix path
+def test_cpu_query_blocks_equal_the_whole_causal_matrix(seq):
+    """The CPU path skips the keys above the diagonal block by block; values and gradients must be
+    those of the float64 definition and of the whole masked matrix."""
+    q, k, v = _qkv(seed=2, seq=seq)
+    blocked, whole = jax.jit(A._causal_in_query_blocks), jax.jit(A._causal_whole)
+    np.testing.assert_allclose(blocked(q, k, v), _numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    weights = jnp.sin(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads(A._causal_in_query_blocks), grads(A._causal_whole)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    if seq % A.CPU_QUERY_BLOCKS == 0:  # the CPU program holds no score for a key above the block
+        hlo = blocked.lower(q, k, v).as_text()
+        block = seq // A.CPU_QUERY_BLOCKS
+        assert f"tensor<2x2x2x{block}x{block}xf32>" in hlo and f"2x2x2x{seq}x{seq}xf32" not in hlo
+
+
 def test_splash_runs_per_shard_under_a_mesh():
     """Batch over data x fsdp and heads over tensor, each shard running its own kernel."""
     q, k, v = _qkv(seed=1, batch=4)
@@ -119,4 +139,7 @@ def test_attention_choice_does_not_block_resume():
     changed = {"model": {"num_layers": 2, "remat": "full", "dtype": "bfloat16", "param_dtype": "float32"}}
     assert config_mismatch(steps, changed) is None
     changed["model"]["param_dtype"] = "bfloat16"
-    assert config_mismatch(steps, changed) == "model.param_dtype: checkpoint has 'float32', config has 'bfloat16'"
+    assert (
+        config_mismatch(steps, changed)
+        == "model.param_dtype: checkpoint has 'float32', config has 'bfloat16'"
+    )

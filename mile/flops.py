@@ -8,8 +8,8 @@ different runs and codebases is comparable:
 
 Non-embedding parameters include the LM head (a real matmul); the embedding table is a lookup
 and is left out. The attention term is PaLM's (Chowdhery et al. 2022, appendix B): it counts the
-full seq x seq score matrix, which is what `mile.model` computes (the causal mask is applied to
-full scores). Recomputation under `remat="full"` is not model FLOPs; `hardware_flops_per_token`
+full seq x seq score matrix, which is what `mile.model` computes on TPU and GPU (the causal mask
+is applied to full scores; on CPU the XLA attention skips 7/16 of it, see `mile.attention`). Recomputation under `remat="full"` is not model FLOPs; `hardware_flops_per_token`
 adds it, for a roofline of what the chip must actually execute. Both are checked against XLA's
 own count in tests/test_flops.py.
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import paper, tiny
-from mile import flops
+from mile import attention, flops
 from mile.model import Llama
 from model_helpers import tiny_model_config
 
@@ -58,7 +58,10 @@ def _xla_flops_per_token(model_cfg, seq, batch=2) -> float:
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_flops_per_token_match_xla_count(remat):
+def test_flops_per_token_match_xla_count(remat, monkeypatch):
+    # The formula counts the whole causal score matrix, the program TPUs and GPUs run; on CPU the
+    # XLA attention skips the blocks above the diagonal, so compile that whole-matrix program here.
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCKS", 1)
     # The tests' tiny model made wide enough that matmuls dominate XLA's count (it also counts
     # norms, softmax, RoPE): 2 unrolled layers, 4 heads, no grouped-query attention.
     seq = 128
@@ -76,6 +79,11 @@ def test_flops_per_token_match_xla_count(remat):
     assert measured == pytest.approx(expected, rel=0.01)
     if remat == "full":  # the recompute (~20% here) is counted by the hardware figure only
         assert measured > 1.15 * flops.model_flops_per_token(model_cfg, seq)
+    else:  # the CPU program's 8 query blocks do 9/16 of the score work
+        monkeypatch.setattr(attention, "CPU_QUERY_BLOCKS", 8)
+        monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 16)
+        skipped = 7 / 16 * flops.attention_flops_per_token(model_cfg, seq)
+        assert _xla_flops_per_token(model_cfg, seq) == pytest.approx(expected - skipped, rel=0.01)
 
 
 def test_chip_table_lookup_by_device_kind():

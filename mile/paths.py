@@ -21,6 +21,7 @@ The API, for every caller (data preparation included):
   replacing(p)                 a local temporary file to write; becomes `p` whole, or not at all
   write_text, write_bytes      whole files, atomically
   local_copy(p)                a local file holding `p` (for libraries that need a real file)
+  download(p, local)           `p` copied to a local path, atomically
   upload_tree(local_dir, p)    every file under a local directory to `p`, each atomically
   move_tree(src, dst)          a directory moved without ever losing a file
 
@@ -215,6 +216,15 @@ def local_copy(p: PathLike) -> Iterator[pathlib.Path]:
         local = pathlib.Path(d) / os.path.basename(os.fspath(p))
         _fs(p).get_file(os.fspath(p), os.fspath(local))
         yield local
+
+
+def download(p: PathLike, local: PathLike) -> None:
+    """`p` (local or remote) copied to the local path `local`, which appears only when complete."""
+    with replacing(local) as tmp:
+        if is_remote(p):
+            _fs(p).get_file(os.fspath(p), os.fspath(tmp))
+        else:
+            shutil.copyfile(p, tmp)
 
 
 def upload_tree(local_dir: PathLike, dest: PathLike) -> None:

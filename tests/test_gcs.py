@@ -1,12 +1,15 @@
 """A gs:// workdir against a real GCS API server on localhost (tests/gcs_emulator.py): launch.py
-trains, is SIGKILLed after its first checkpoint, the same command resumes and ends bit-identical
-to an uninterrupted local run, and mile.evaluate reads the bucket's workdir and agrees with the
-local run's evaluation. Plus the path layer's own promises on the bucket (mile.paths)."""
+trains with its corpus and data cache on the bucket too, is SIGKILLed after its first checkpoint,
+the same command resumes and ends bit-identical to an uninterrupted local run, mile.evaluate reads
+the bucket's workdir and agrees with the local run's evaluation, and its profile and an export
+land on the bucket. Plus the path layer's own promises on the bucket (mile.paths)."""
 
 import json
 import os
+import pathlib
 import signal
 import sys
+import tempfile
 
 import pytest
 
@@ -54,12 +57,24 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     straight = tmp_path / "straight"
     T.train(tiny_config(tmp_path, **OVERRIDES), str(straight))
     wd = f"gs://{gcs.bucket}/run"
-    argv = tiny_launch_argv(tmp_path, wd, OVERRIDES, "tests/launch_with_faults.py")
-    env = {**gcs.env, **compile_cache_env(tmp_path / "xla")}  # the rerun skips compiling (speed only)
+    # The corpus and the data cache on the bucket too: the store is built there, each run reads
+    # it through a copy on its host's disk ($TMPDIR), and the tokenizer is trained from that copy.
+    mine = tiny_config(tmp_path).data.text_files[0]
+    corpus = f"gs://{gcs.bucket}/{os.path.basename(mine)}"
+    paths.write_bytes(corpus, pathlib.Path(mine).read_bytes())
+    bucket_flags = {"--config.data.text_files": corpus, "--config.data.cache_dir": f"gs://{gcs.bucket}/cache"}
+    argv = []
+    for arg in tiny_launch_argv(tmp_path, wd, OVERRIDES, "tests/launch_with_faults.py"):
+        flag = arg.partition("=")[0]  # replaced, not repeated: a repeated tuple flag adds a file
+        argv.append(f"{flag}={bucket_flags[flag]}" if flag in bucket_flags else arg)
+    profiled = argv + ["--config.train.profile_steps=2,3"]  # the first run only (a trace, no effect on training)
+    assert sum(corpus in a for a in argv) == 1
+    (tmp_path / "host").mkdir()
+    env = {**gcs.env, **compile_cache_env(tmp_path / "xla"), "TMPDIR": str(tmp_path / "host")}
 
     # Held before step 6 (after the checkpoint of step 4): the kill lands mid-run on any machine.
     hold = {"MILE_TEST_HOLD_AT_CALL": "6", "MILE_TEST_HOLD_FILE": str(tmp_path / "release")}
-    proc, log = start(argv, tmp_path / "killed.log", **hold, **env)
+    proc, log = start(profiled, tmp_path / "killed.log", **hold, **env)
     held = lambda: list(tmp_path.glob("release.p*")) and steps_on_disk(wd)
     wait_for(held, proc, log, "the hold before step 6 and step 4 on the bucket", WAIT_S)
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was in flight is cut off
@@ -75,6 +90,7 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     assert [s for s, _ in train_losses(wd)] == list(range(1, STEPS + 1))
     assert json.loads(paths.read_text(f"{wd}/config.json"))["train"]["steps"] == STEPS
     assert any(n.startswith("events.out.tfevents") for n in paths.listdir(f"{wd}/tb"))
+    assert paths.isdir(f"gs://{gcs.bucket}/cache/text") and list((tmp_path / "host").glob("mile-cache/stores/*"))
 
     from mile import evaluate
 
@@ -86,6 +102,14 @@ def test_gs_workdir_killed_resumes_bit_identical_and_evaluates(tmp_path, gcs):
     local = evaluate.run_eval(evaluate.parse_args(["--workdir", str(straight), *args]))
     assert on_bucket["step"] == STEPS and on_bucket["workdir"] == wd
     assert on_bucket["perplexity"] == local["perplexity"]
+    assert any(f.endswith(".xplane.pb") for f in paths.files_under(f"{wd}/profile"))
+
+    export = f"gs://{gcs.bucket}/export"
+    proc, log = start(["-m", "mile.export", "--workdir", wd, "--out", export], tmp_path / "export.log", **env)
+    rc, out = wait(proc, log, WAIT_S)
+    assert rc == 0, out[-3000:]
+    exported = {os.path.basename(f) for f in paths.files_under(export)}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= exported, exported
 
 
 def test_path_layer_on_the_bucket(gcs, tmp_path):
@@ -115,9 +139,12 @@ def test_path_layer_on_the_bucket(gcs, tmp_path):
         assert local.read_bytes() == b"\x00\x01"
 
 
-def test_a_corpus_and_a_tokenizer_on_the_bucket_prepare_into_a_store_on_the_bucket(gcs, tmp_path):
+def test_a_corpus_and_a_tokenizer_on_the_bucket_prepare_into_a_store_on_the_bucket(gcs, tmp_path, monkeypatch):
     """Corpus files matched by a gs:// glob, a gs:// tokenizer, and a store built on the bucket
     (as a Beam runner on Dataflow would), which a host then copies down and reads."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "host"))  # this "host's" disk, for the copy
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    (tmp_path / "host").mkdir()
     import mile.data as md
     from mile.data import build, corpus, store
     from mile.data import tokenizer as mtok
@@ -141,8 +168,16 @@ def test_a_corpus_and_a_tokenizer_on_the_bucket_prepare_into_a_store_on_the_buck
     remote = md.prepare({**cfg, "cache_dir": f"{bucket}/cache"})
     token_dir = remote.train.store_dir
     assert token_dir.startswith(f"{bucket}/cache/tokens/") and store.is_complete(token_dir)
-    with pytest.raises(ValueError, match="ArrayRecord reads only from a filesystem; mount the bucket"):
-        remote.open("train")
+    # Read through a copy on this host's disk, the same documents as the local store's.
+    train = remote.open("train")
+    assert [list(train[i]) for i in range(len(train))] == [list(local.open("train")[i]) for i in range(len(train))]
+    mirror = store.readable_copy(token_dir)
+    assert mirror.is_relative_to(tmp_path / "host") and store.is_complete(mirror)
+    # A copy cut short (no manifest, a shard missing) is finished by the next open.
+    shards = sorted(mirror.glob("*.arrayrecord"))
+    (mirror / store.MANIFEST).unlink()
+    shards[0].unlink()
+    assert store.readable_copy(token_dir) == mirror and store.is_complete(mirror) and shards[0].is_file()
     # The same files as the local build, byte for byte.
     for name in store.read_manifest(token_dir)["splits"][build.DOCS]["shards"]:
         mine = os.path.join(local.train.store_dir, name)

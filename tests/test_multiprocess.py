@@ -118,15 +118,21 @@ def _wait_until(condition, job, what):
         time.sleep(0.02)
 
 
-def _preempt(job, targets, workdir, release):
+def _preempt(job, targets, workdir, release, again=False):
     """SIGTERM to the processes `targets` of `job` while both are held, then `release()` them;
     (the agreed step, seconds to the last exit). Held steps leave many steps to go, however slow
-    the machine, so the stop always comes before the run's end."""
+    the machine, so the stop always comes before the run's end. `again`: a SIGINT to each target
+    while it is stopping (the impatient operator's second signal), which must change nothing."""
     sent = time.monotonic()
     for i in targets:
         job.procs[i].send_signal(signal.SIGTERM)
     time.sleep(0.5)  # the notice reaches the coordinator before the processes move on
     release()
+    if again:
+        time.sleep(0.2)
+        for i in targets:
+            if job.procs[i].poll() is None:
+                job.procs[i].send_signal(signal.SIGINT)
     codes = job.wait(JOB_TIMEOUT_S)
     took = time.monotonic() - sent
     assert codes == [PREEMPTED_EXIT_CODE] * 2, job.output()
@@ -141,7 +147,8 @@ def _preempt(job, targets, workdir, release):
 @pytest.fixture(scope="module")
 def preempted(root, runs):
     """launch.py as 2 processes: SIGTERM to process 1 only while both are held before step 6; the
-    rerun gets SIGTERM to both while held before its 4th step; the third run finishes."""
+    rerun gets SIGTERM to both while held before its 4th step, and a SIGINT to both while they
+    stop; the third run finishes."""
     wd = root / "preempted"
     out = {"wd": wd}
     # Held before step 6 (after the checkpoint of step 4), then before the 4th step of the rerun.
@@ -151,7 +158,8 @@ def preempted(root, runs):
     _restore(wd, out["first"])  # complete and verified
     job = _launch_job(root, wd, "log_term_both", hold_at=4)
     _held(root, "log_term_both", job)
-    out["second"], out["second_s"] = _preempt(job, [0, 1], wd, lambda: _release(root, "log_term_both"))
+    release = lambda: _release(root, "log_term_both")
+    out["second"], out["second_s"] = _preempt(job, [0, 1], wd, release, again=True)
     _restore(wd, out["second"])
     job = _launch_job(root, wd, "log_term_rerun")
     assert job.wait(JOB_TIMEOUT_S) == [0, 0], job.output()

@@ -109,22 +109,20 @@ def prepare(
 
     ``data_cfg``: a DataConfig, or the ``data`` ConfigDict/dict it is read from. On several hosts
     sharing a filesystem, run it on process 0 first (then a barrier), so the hosts do not build
-    the same cache at the same time; afterwards it only reads caches. A gs:// ``cache_dir`` can be
-    built (by a Beam runner on Dataflow, say) but not trained from: ArrayRecord reads files only.
+    the same cache at the same time; afterwards it only reads caches. A gs:// ``cache_dir`` is
+    built there (by a Beam runner on Dataflow, say) and read through a copy on each host's disk
+    (``store.readable_copy``: ArrayRecord reads local files only).
     """
     cfg = DataConfig.from_cfg(data_cfg)
     builder = builder or Builder()
     # Absolute, so PreparedData paths stay valid if the caller later changes directory.
     cache_dir = paths.join(cache_dir if cache_dir is not None else cfg.cache_dir)
     if cfg.source == "synthetic":  # generated, and its tokens are ids: no tokenizer to train
-        tokenizer, token_dir = synthetic.prepare(cfg, pathlib.Path(cache_dir))
+        # Generated from the config alone, so each host makes its own on its disk (even when the
+        # cache is a bucket: pathlib would turn gs://b into a local "gs:/b").
+        tokenizer, token_dir = synthetic.prepare(cfg, _local_cache(cache_dir))
         key = f"synthetic:{token_dir.parent.name}"
         return _held_out(tokenizer, token_dir, cfg.validation_every, key, cache_dir, True)
-    if paths.is_remote(cache_dir) and cfg.tokenizer == "train":
-        raise ValueError(
-            f"data.cache_dir={cache_dir} is on remote storage, where a tokenizer cannot be trained "
-            "(ArrayRecord reads local files only); pass data.tokenizer=<a .model or tokenizer.json>."
-        )
     check = check or (lambda tokenizer: None)
     if cfg.source == "tfds":
         return _prepare_tfds(cfg, cache_dir, builder, check)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -289,18 +291,42 @@ def is_complete(directory: str | os.PathLike) -> bool:
 # -- reading ---------------------------------------------------------------------------------------
 
 
+def readable_copy(directory: str | os.PathLike) -> pathlib.Path:
+    """The store as a local directory ArrayRecord can read (it opens local files only): the store
+    itself, or for a gs:// store a mirror on this host's disk under $TMPDIR/mile-cache/stores/,
+    copied on first use. Each file lands whole and the manifest comes last, so a copy cut short
+    is finished by the next open (the shards it already holds are kept when the remote manifest
+    is the one the copy started from) and a store rebuilt under the same name is copied afresh.
+    For a store larger than a host's disk, mount the bucket (gcsfuse) and point at the mount."""
+    if not paths.is_remote(directory):
+        return pathlib.Path(directory)
+    manifest = read_manifest(directory)  # the clear error for an incomplete remote store
+    text = json.dumps(manifest, sort_keys=True)
+    digest = hashlib.sha256(os.fspath(directory).encode()).hexdigest()[:16]
+    local = pathlib.Path(tempfile.gettempdir()) / "mile-cache" / "stores" / digest
+    if is_complete(local) and json.dumps(read_manifest(local), sort_keys=True) == text:
+        return local
+    copying = local / "COPYING"  # the manifest this (partial) copy belongs to
+    if not (copying.is_file() and copying.read_text() == text):
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        paths.write_text(copying, text)
+    started = time.perf_counter()
+    for name in sorted({n for split in manifest["splits"].values() for n in split["shards"]}):
+        if not (local / name).is_file():
+            paths.download(paths.join(directory, name), local / name)
+    paths.download(paths.join(directory, MANIFEST), local / MANIFEST)
+    print(f"copied {directory} to {local} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return local
+
+
 class StoreSource:
     """One split of a store as a random-access sequence of documents (``str``, or int ids)."""
 
     def __init__(self, directory: str | os.PathLike, split: str):
         import grain  # reading only
 
-        if paths.is_remote(directory):
-            raise ValueError(
-                f"{directory}: ArrayRecord reads only from a filesystem; mount the bucket (gcsfuse) or copy "
-                "the prepared store to a local disk, and point data.cache_dir there."
-            )
-        directory = pathlib.Path(directory)
+        directory = readable_copy(directory)
         manifest = read_manifest(directory)
         if split not in manifest["splits"]:
             raise ValueError(f"{directory} has no split {split!r} (has {sorted(manifest['splits'])}).")

@@ -6,11 +6,12 @@ mode, the preparation's memory and speed, and the cores a host needs to feed eac
 
 1. A corpus of reshuffled King James verses (documents of ~30 verses, ~4 KB) is generated as
    16 JSONL files under experiments/runs/bench_input/ (never committed) until it reaches
-   --corpus-gb; a 1/10 subset (--subset-files) is used for the throughput rows.
+   --corpus-gb; the first --subset-files of them (default 2 of 16) feed the throughput rows.
 2. Preparation: `python -m mile.prepare` with a given tokenizer (the 8000-piece SentencePiece the
    CPU default trains on the KJV) builds the text store of the whole corpus with --workers 1 and
-   2, the peak RSS summed over its processes sampled every 0.1 s; then the token store
-   (data.pretokenize) of the subset with 1 and 2 workers.
+   2, the peak RSS summed over its processes sampled every 0.1 s; once more with the default
+   data.tokenizer=train (the text store, then SentencePiece trained on a sample of it); then the
+   token store (data.pretokenize) of the subset with 1 and 2 workers.
 3. Throughput: the real training iterator (mile.data.train_iterator, seq_len 1024, 32 sequences
    per batch, one data stream) in its own process per mode, after 3 warm-up batches, for
    --seconds: tokens/s and CPU-seconds (all threads and worker processes).
@@ -138,6 +139,15 @@ def bench_preparation(files: list[str], subset: list[str], tokenizer: str) -> li
         print(f"  text store, {workers} worker(s): {r['seconds']:.1f} s, {mb / r['seconds']:.0f} MB/s, "
               f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
         subprocess.run(["rm", "-rf", cache], check=True)
+    # The default data.tokenizer=train: the text store, then SentencePiece trained on a sample of
+    # it (configs/cpu.py's tokenizer_max_docs), in the same process.
+    cache = os.path.join(WORK, "cache-text-train")
+    subprocess.run(["rm", "-rf", cache], check=True)
+    r = run_sampled(_prepare_argv(corpus_dir, "train", cache, 1, False))
+    mb = _size(files) / 2**20
+    rows.append({"stage": "text store + tokenizer trained", "corpus_mb": mb, "workers": 1, **r, "mb_per_s": mb / r["seconds"]})
+    print(f"  text store + tokenizer trained: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    subprocess.run(["rm", "-rf", cache], check=True)
     for workers in (1, 2):
         cache = os.path.join(WORK, f"cache-tokens-w{workers}")
         subprocess.run(["rm", "-rf", cache], check=True)

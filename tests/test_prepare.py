@@ -555,6 +555,16 @@ def test_a_run_records_its_tokenizer_evaluates_and_exports_with_it_and_refuses_a
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "in the beginning 42 naïve ☃"
     assert exported(text, add_special_tokens=False)["input_ids"] == hf.encode(text)
+    # Generation (the lm-eval backend) too: it encodes with the run's tokenizer and decodes with it.
+    from lm_eval.api.instance import Instance
+
+    from mile.lm_eval import MileLM
+
+    lm = MileLM(workdir=str(wd), batch_size=1, max_gen_toks=3)
+    assert lm.tok.fingerprint == hf.fingerprint
+    assert lm.tok_encode(text, add_special_tokens=False) == hf.encode(text)
+    (generated,) = lm.generate_until([Instance("generate_until", {}, (text, {"until": ["\n\n"]}), 0)])
+    assert isinstance(generated, str) and len(generated.encode()) <= 3 * 16, generated  # 3 new ids at most
 
     # The same path, another tokenizer: resuming, evaluating and exporting refuse it by fingerprint.
     shutil.copyfile(own_tokenizers["no-eos"].path, given)  # no EOS either: the fingerprint speaks first

@@ -248,9 +248,10 @@ def write_report(args, todo) -> None:
         f"{args.eval_batches * tokens_per_step:,} held-out positions (mile.ground_truth; buckets by the target's "
         f"training frequency, 80/15/5 % of occurrences, kinds by the context).",
         "",
-        f"Runs finished: {done} of {len(todo)}. Time: {wall / 60:.0f} min wall-clock for the sweep, "
-        f"{sum(train_s) / 60:.0f} min of it training ({len(train_s)} runs), on the 2-core machine shared "
-        "with other work.",
+        f"Runs finished: {done} of {len(todo)}. Time: {sum(train_s) / 60:.0f} min of training summed over "
+        f"{len(train_s)} runs, on the 2-core machine shared with other work; the script's own wall-clock "
+        f"count ({wall / 60:.0f} min) covers only its invocations that ran to the end, so a sweep that was "
+        "stopped and restarted took longer than that.",
         "",
         "Why d=64: the d=128 model of the earlier report trains at 5.3k tokens/s here and d=64 at about 17k, "
         "and only the narrower model fits the grid into the 2.5-hour budget. Its absolute KLs are larger than "
